@@ -1,0 +1,66 @@
+"""The middleware's configuration, validated once at construction so bad settings fail at start-up."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+# Requests that are not answers a user could rate: API docs, browsers' icon probes and health checks.
+# Tracing them would only dilute the feedback rate. Passing `exclude_paths` replaces this list.
+DEFAULT_EXCLUDE_PATHS: tuple[str, ...] = (
+    r"^/(docs|redoc)(/|$)",
+    r"^/openapi\.json$",
+    r"^/favicon\.ico$",
+    r"^/(health|healthz|livez|readyz|ready|metrics)$",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `MlflowFeedbackMiddleware` accepts; see the README's configuration table."""
+
+    experiment_name: str | None = None
+    tracking_uri: str | None = None
+    feedback_path: str | None = "/feedback"
+    trace_id_header: str = "X-MLflow-Trace-Id"
+    request_id_header: str = "X-Request-ID"
+    user_id_header: str = "X-User-ID"
+    session_id_header: str = "X-Session-ID"
+    exclude_paths: Iterable[str] = DEFAULT_EXCLUDE_PATHS
+    sse_final_event: bool = True
+    sse_event_name: str = "mlflow_trace"
+    capture_request_body: bool = True
+    capture_response_body: bool = True
+    max_capture_bytes: int = 64 * 1024
+    max_feedback_body_bytes: int = 64 * 1024
+    feedback_wait_seconds: float = 30.0
+    rating_scale: tuple[float, float] = (1, 5)
+    startup_timeout_seconds: float = 10.0
+    mlflow_threads: int = 8
+    _exclude: tuple[re.Pattern[str], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.feedback_path is not None and (
+            not self.feedback_path.startswith("/") or self.feedback_path.endswith("/")
+        ):
+            raise ValueError("feedback_path must start with '/' and not end with it, e.g. '/feedback'")
+        for name in ("trace_id_header", "request_id_header", "user_id_header", "session_id_header"):
+            if not re.fullmatch(r"[A-Za-z0-9-]+", getattr(self, name)):
+                raise ValueError(f"{name} must be a plain HTTP header name")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.sse_event_name):
+            raise ValueError("sse_event_name must be a plain token (letters, digits, '_', '.', '-')")
+        low, high = self.rating_scale
+        if not 0 < low < high:
+            raise ValueError("rating_scale must be (low, high) with 0 < low < high")
+        if isinstance(self.exclude_paths, str):
+            raise TypeError("exclude_paths takes a list of regular expressions, not one string")
+        for name in ("max_capture_bytes", "max_feedback_body_bytes", "mlflow_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        object.__setattr__(self, "exclude_paths", tuple(self.exclude_paths))
+        object.__setattr__(self, "_exclude", tuple(re.compile(p) for p in self.exclude_paths))
+
+    def is_excluded(self, path: str) -> bool:
+        """Whether requests to `path` go untraced."""
+        return any(p.search(path) for p in self._exclude)

@@ -1,0 +1,29 @@
+"""Per-request IDs for handler code, held in ContextVars so concurrent requests never see each other's."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIds:
+    """The IDs the middleware gave one request."""
+
+    trace_id: str
+    client_request_id: str
+
+
+current_ids: ContextVar[RequestIds | None] = ContextVar("mlflow_feedback_request_ids", default=None)
+
+
+def get_trace_id() -> str | None:
+    """The MLflow trace ID of the request being handled, or None outside a traced request."""
+    ids = current_ids.get()
+    return ids.trace_id if ids else None
+
+
+def get_client_request_id() -> str | None:
+    """The client request ID of the request being handled, or None outside a traced request."""
+    ids = current_ids.get()
+    return ids.client_request_id if ids else None

@@ -1,0 +1,116 @@
+"""What the feedback route accepts, and how each request becomes MLflow assessments.
+
+Three shapes, combinable in one request:
+
+- the seed guide's ``{"is_correct": true, "comment": "..."}``, stored as ``user_feedback``;
+- a general ``{"name": "tone", "value": "too formal", "rationale": "...", "metadata": {...}}``;
+- ``{"ratings": {"accuracy": 4, "helpfulness": 5}}`` on the configured scale, each stored as
+  ``user_<dimension>`` normalised to 0-1 (rating / scale maximum, as the seed does), the raw rating kept
+  in metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .ids import is_valid_client_request_id, is_valid_trace_id
+
+MAX_TEXT = 10_000
+MAX_ITEMS = 50
+SEED_FEEDBACK_NAME = "user_feedback"
+RATING_PREFIX = "user_"
+
+Text = Annotated[StrictStr, Field(max_length=MAX_TEXT)]
+Scalar = StrictBool | StrictInt | StrictFloat | Text
+FeedbackValue = Scalar | Annotated[list[Scalar], Field(max_length=MAX_ITEMS)] | dict[str, Scalar]
+Name = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.:/-]{1,100}$")]
+
+
+class FeedbackRequest(BaseModel):
+    """The JSON body of ``POST {feedback_path}``; IDs may come in the query string instead."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    trace_id: StrictStr | None = None
+    client_request_id: StrictStr | None = None
+    is_correct: bool | None = Field(None, description="Thumbs up (true) or down (false); the seed's shape.")
+    comment: Text | None = Field(None, description="Free text from the user; stored as the rationale.")
+    name: Name | None = Field(None, description="Assessment name for a custom `value`.")
+    value: FeedbackValue | None = None
+    rationale: Text | None = None
+    metadata: Annotated[dict[Name, Scalar], Field(max_length=MAX_ITEMS)] | None = None
+    ratings: Annotated[dict[Name, StrictInt | StrictFloat], Field(min_length=1, max_length=MAX_ITEMS)] | None = None
+
+    @field_validator("trace_id")
+    @classmethod
+    def _trace_id_shape(cls, value: str | None) -> str | None:
+        if value is not None and not is_valid_trace_id(value):
+            raise ValueError("is not a trace ID")
+        return value
+
+    @field_validator("client_request_id")
+    @classmethod
+    def _request_id_shape(cls, value: str | None) -> str | None:
+        if value is not None and not is_valid_client_request_id(value):
+            raise ValueError("is not a client request ID (1-50 of A-Z a-z 0-9 . _ : + = @ / ~ -)")
+        return value
+
+    @field_validator("ratings")
+    @classmethod
+    def _ratings_in_scale(cls, value: dict[str, float] | None, info: ValidationInfo) -> dict[str, float] | None:
+        low, high = (info.context or {}).get("rating_scale", (1, 5))
+        for dimension, rating in (value or {}).items():
+            if not low <= rating <= high:
+                raise ValueError(f"rating {dimension!r} is {rating}, outside the scale {low:g} to {high:g}")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> FeedbackRequest:
+        if (self.name is None) != (self.value is None):
+            raise ValueError("'name' and 'value' go together: give both or neither")
+        if self.comment is not None and self.rationale is not None:
+            raise ValueError("give 'comment' or 'rationale', not both")
+        if self.is_correct is None and self.value is None and self.ratings is None:
+            raise ValueError("no feedback given: send 'is_correct', 'name' with 'value', or 'ratings'")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """One MLflow feedback assessment to write."""
+
+    name: str
+    value: Any
+    rationale: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+def to_assessments(request: FeedbackRequest, rating_max: float) -> list[Assessment]:
+    """The assessments a request asks for; the comment goes with the first of them only."""
+    rationale = request.comment if request.comment is not None else request.rationale
+    metadata = {k: str(v) for k, v in request.metadata.items()} if request.metadata else None
+    out: list[Assessment] = []
+    if request.is_correct is not None:
+        out.append(Assessment(SEED_FEEDBACK_NAME, request.is_correct, rationale, metadata))
+    if request.name is not None:
+        out.append(Assessment(request.name, request.value, None if out else rationale, metadata))
+    for dimension, rating in (request.ratings or {}).items():
+        rating_metadata = {**(metadata or {}), "raw_rating": f"{rating:g}", "rating_scale_max": f"{rating_max:g}"}
+        out.append(
+            Assessment(RATING_PREFIX + dimension, rating / rating_max, None if out else rationale, rating_metadata)
+        )
+    return out

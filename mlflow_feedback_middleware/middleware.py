@@ -1,0 +1,120 @@
+"""`MlflowFeedbackMiddleware`: the pure-ASGI entry point.
+
+Usage::
+
+    from fastapi import FastAPI
+    from mlflow_feedback_middleware import MlflowFeedbackMiddleware
+
+    app = FastAPI()
+    app.add_middleware(MlflowFeedbackMiddleware, experiment_name="/Shared/production-app")
+
+Every HTTP request (but excluded paths) runs inside its own MLflow trace; the trace ID and client request
+ID go back in response headers and, for event streams, in a final ``mlflow_trace`` event; feedback for
+those traces is accepted at ``POST /feedback``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .config import DEFAULT_EXCLUDE_PATHS, Settings
+from .exchange import TracedExchange
+from .feedback_routes import FeedbackRoutes
+from .registry import RecentTraces
+from .tracing import MlflowBackend
+
+
+class MlflowFeedbackMiddleware:
+    """Traces every HTTP request in MLflow, hands its trace ID to the client, and takes feedback on it.
+
+    All arguments are optional; the README's configuration table describes each one.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        experiment_name: str | None = None,
+        tracking_uri: str | None = None,
+        feedback_path: str | None = "/feedback",
+        trace_id_header: str = "X-MLflow-Trace-Id",
+        request_id_header: str = "X-Request-ID",
+        user_id_header: str = "X-User-ID",
+        session_id_header: str = "X-Session-ID",
+        exclude_paths: Iterable[str] = DEFAULT_EXCLUDE_PATHS,
+        sse_final_event: bool = True,
+        sse_event_name: str = "mlflow_trace",
+        capture_request_body: bool = True,
+        capture_response_body: bool = True,
+        max_capture_bytes: int = 64 * 1024,
+        max_feedback_body_bytes: int = 64 * 1024,
+        feedback_wait_seconds: float = 30.0,
+        rating_scale: tuple[float, float] = (1, 5),
+        startup_timeout_seconds: float = 10.0,
+        mlflow_threads: int = 8,
+    ) -> None:
+        self.app = app
+        self.settings = settings = Settings(
+            experiment_name=experiment_name,
+            tracking_uri=tracking_uri,
+            feedback_path=feedback_path,
+            trace_id_header=trace_id_header,
+            request_id_header=request_id_header,
+            user_id_header=user_id_header,
+            session_id_header=session_id_header,
+            exclude_paths=exclude_paths,
+            sse_final_event=sse_final_event,
+            sse_event_name=sse_event_name,
+            capture_request_body=capture_request_body,
+            capture_response_body=capture_response_body,
+            max_capture_bytes=max_capture_bytes,
+            max_feedback_body_bytes=max_feedback_body_bytes,
+            feedback_wait_seconds=feedback_wait_seconds,
+            rating_scale=rating_scale,
+            startup_timeout_seconds=startup_timeout_seconds,
+            mlflow_threads=mlflow_threads,
+        )
+        # ASGI header names arrive lower-cased as bytes; compare against these without re-encoding.
+        self.trace_id_header_key = settings.trace_id_header.lower().encode()
+        self.request_id_header_key = settings.request_id_header.lower().encode()
+        self.user_id_header_key = settings.user_id_header.lower().encode()
+        self.session_id_header_key = settings.session_id_header.lower().encode()
+        self.backend = MlflowBackend(tracking_uri, experiment_name, settings.mlflow_threads)
+        self.recent = RecentTraces()
+        self.feedback = (
+            FeedbackRoutes(settings, self.backend, self.recent, self.user_id_header_key)
+            if settings.feedback_path is not None
+            else None
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan":
+                receive = self._lifespan_receive(receive)
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if self.feedback is not None and self.feedback.handles(path):
+            await self.feedback(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS" or self.settings.is_excluded(path):
+            await self.app(scope, receive, send)
+            return
+        if self.backend.experiment_id is None and (
+            await self.backend.ready(self.settings.startup_timeout_seconds) is None
+        ):
+            await self.app(scope, receive, send)
+            return
+        await TracedExchange(self, scope, receive, send).run()
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.backend.ready(self.settings.startup_timeout_seconds)
+            return message
+
+        return lifespan_receive

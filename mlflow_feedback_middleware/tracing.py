@@ -1,0 +1,189 @@
+"""The MLflow side of the middleware: where traces go, starting and naming root spans, running calls.
+
+Everything that talks to MLflow's tracking store runs on a small thread pool of our own, never on the
+event loop and never on the app's threadpool (a slow tracking server must not starve sync handlers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, suppress
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.entities import LiveSpan, MlflowExperimentLocation, SpanType
+from mlflow.exceptions import MlflowException
+
+logger = logging.getLogger("mlflow_feedback_middleware")
+
+T = TypeVar("T")
+
+# Schemes that reach a tracking server over the network: a failure there may pass, so we retry. Any other
+# scheme (sqlite, file paths) is local; a failure there is a configuration problem that will not pass.
+_REMOTE_SCHEMES = {"http", "https", "databricks", "databricks-uc", "uc"}
+_RETRY_SECONDS = (1, 2, 5, 10, 30, 60)
+_TRACE_NAME_TAG = "mlflow.traceName"
+
+
+class MlflowBackend:
+    """Resolves the experiment traces go to, once and off the event loop, and runs MLflow calls.
+
+    Until the experiment is known (tracking server unreachable at start-up, say), requests pass through
+    untraced: a client is never handed a trace ID that will never exist.
+    """
+
+    def __init__(self, tracking_uri: str | None, experiment_name: str | None, threads: int) -> None:
+        if tracking_uri:
+            # MLflow's tracing provider has one process-wide tracking URI; setting it is the only way.
+            mlflow.set_tracking_uri(tracking_uri)
+        self._experiment_name = experiment_name
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mlflow-feedback")
+        self._lock = threading.Lock()
+        self._attempt: Future[str | None] | None = None
+        self._failures = 0
+        self._next_attempt_at = 0.0
+        self._location: MlflowExperimentLocation | None = None
+        self.experiment_id: str | None = None
+        self.disabled_reason: str | None = None
+        self._noop_warned = False
+        self._startup_deadline: float | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking MLflow call on the backend's threads and await its result."""
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    def _resolve(self) -> str | None:
+        try:
+            uri = mlflow.get_tracking_uri()
+        except Exception as exc:  # mlflow-tracing raises here when no URI is configured at all
+            self._disable(f"no usable tracking URI ({type(exc).__name__}: {exc})")
+            return None
+        remote = urlparse(uri).scheme in _REMOTE_SCHEMES
+        try:
+            experiment_id = self._find_experiment(uri)
+        except Exception as exc:
+            if not remote:
+                self._disable(f"tracking URI {uri!r} is not usable here ({type(exc).__name__}: {exc})")
+                return None
+            delay = _RETRY_SECONDS[min(self._failures, len(_RETRY_SECONDS) - 1)]
+            if self._failures == 0:
+                logger.warning(
+                    "MLflow tracking server %s is unreachable (%s); requests pass through untraced, "
+                    "retrying in the background",
+                    uri,
+                    exc,
+                )
+            self._failures += 1
+            self._next_attempt_at = time.monotonic() + delay
+            return None
+        if self._failures:
+            logger.warning("MLflow tracking server %s is reachable again; tracing resumes", uri)
+        self._failures = 0
+        self._location = MlflowExperimentLocation(experiment_id=experiment_id)
+        self.experiment_id = experiment_id
+        logger.info("MlflowFeedbackMiddleware traces requests to experiment %s at %s", experiment_id, uri)
+        return experiment_id
+
+    def _find_experiment(self, uri: str) -> str:
+        from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+        client = TrackingServiceClient(uri)
+        name = self._experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        if name:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                try:
+                    return str(client.create_experiment(name))
+                except MlflowException:  # another worker created it first
+                    experiment = client.get_experiment_by_name(name)
+                    if experiment is None:
+                        raise
+            return str(experiment.experiment_id)
+        experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
+        return str(client.get_experiment(experiment_id).experiment_id)
+
+    def _disable(self, reason: str) -> None:
+        self.disabled_reason = reason
+        logger.error(
+            "MlflowFeedbackMiddleware is DISABLED: %s. Requests are served untraced and no trace IDs "
+            "are issued. With mlflow-tracing, set MLFLOW_TRACKING_URI (or tracking_uri=) to an "
+            "http(s):// tracking server or 'databricks'; a local sqlite:/// store needs the full "
+            "'mlflow' package.",
+            reason,
+        )
+
+    def start_resolving(self) -> Future[str | None] | None:
+        """Start resolving the experiment if it is not known and an attempt is due; return the attempt."""
+        if self.experiment_id is not None or self.disabled_reason is not None:
+            return None
+        with self._lock:
+            if self._attempt is not None and not self._attempt.done():
+                return self._attempt
+            if time.monotonic() < self._next_attempt_at:
+                return None
+            self._attempt = self._executor.submit(self._resolve)
+            return self._attempt
+
+    async def ready(self, startup_timeout: float) -> str | None:
+        """The experiment ID, or None while it is unknown.
+
+        During the first `startup_timeout` seconds (counted from the first call) callers wait for it,
+        as a lifespan start-up would; after that they never wait, while retries go on in the background.
+        """
+        if self.experiment_id is not None:
+            return self.experiment_id
+        now = time.monotonic()
+        if self._startup_deadline is None:
+            self._startup_deadline = now + startup_timeout
+        attempt = self.start_resolving()
+        remaining = self._startup_deadline - now
+        if attempt is not None and remaining > 0:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(attempt)), remaining)
+        return self.experiment_id
+
+    def start_root(self, name: str) -> AbstractContextManager[LiveSpan]:
+        """A context manager for a request's root span, active in the current context."""
+        return mlflow.start_span(name, span_type=SpanType.CHAIN, trace_destination=self._location)
+
+    def is_real(self, span: Any) -> bool:
+        """Whether MLflow gave a recording span (not a no-op one from sampling or a broken set-up)."""
+        if isinstance(span, LiveSpan):
+            return True
+        if not self._noop_warned and float(os.environ.get("MLFLOW_TRACE_SAMPLING_RATIO", "1")) >= 1:
+            self._noop_warned = True
+            logger.warning("MLflow returned a no-op span (tracing disabled or misconfigured); requests get no trace ID")
+        return False
+
+    def shutdown(self) -> None:
+        """Stop the backend's threads once queued calls finish."""
+        self._executor.shutdown(wait=False)
+
+
+def annotate_trace(client_request_id: str, user_id: str | None, session_id: str | None) -> None:
+    """Record the request's IDs on the active trace."""
+    mlflow.update_current_trace(client_request_id=client_request_id, user=user_id, session_id=session_id)
+
+
+def tag_trace(key: str, value: str) -> None:
+    """Set a tag on the active trace."""
+    mlflow.update_current_trace(tags={key: value})
+
+
+def rename_root(span: LiveSpan, name: str) -> None:
+    """Rename the root span and the trace once the route template is known.
+
+    MLflow has no public rename; the OTel span it wraps has one, and the trace-name tag is public.
+    """
+    try:
+        span._span.update_name(name)  # type: ignore[attr-defined]
+        tag_trace(_TRACE_NAME_TAG, name)
+    except Exception:  # naming is cosmetic: never let it fail a request
+        logger.debug("could not rename root span to %r", name, exc_info=True)
