@@ -1,0 +1,31 @@
+# Two virtual environments, each built on first use:
+#   .venv         the library with mlflow-tracing only (as in production) plus test tools;
+#   .venv-mlflow  the full mlflow package: the tracking server the tests start, and the demo.
+PYTHON ?= python3
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+
+.PHONY: demo test check bench clean
+
+.venv/.ready: pyproject.toml
+	$(PYTHON) -m venv .venv
+	.venv/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+.venv-mlflow/.ready: pyproject.toml
+	$(PYTHON) -m venv .venv-mlflow
+	.venv-mlflow/bin/pip install $(PIP_FLAGS) -e '.[mlflow,demo]'
+	touch $@
+
+## demo: the example chat app with the middleware, on a local sqlite MLflow store (examples/mlflow.db)
+demo: .venv-mlflow/.ready
+	cd examples && ../.venv-mlflow/bin/python -m uvicorn chat_app:app --port $${PORT:-8000}
+
+## test: lint, type-check, then the whole suite against a real `mlflow server`
+test: .venv/.ready .venv-mlflow/.ready
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+	MLFLOW_SERVER_BIN=$(CURDIR)/.venv-mlflow/bin/mlflow .venv/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf .venv .venv-mlflow examples/mlflow.db examples/mlruns

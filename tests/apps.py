@@ -1,0 +1,146 @@
+"""The FastAPI app the tests put the middleware on: JSON, sync, streamed, failing and websocket routes."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import mlflow
+from fastapi import FastAPI, HTTPException, Request, WebSocket
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+
+from mlflow_feedback_middleware import MlflowFeedbackMiddleware, get_client_request_id, get_trace_id
+
+
+class ChatRequest(BaseModel):
+    message: str
+
+
+@mlflow.trace(name="fake_llm")
+def fake_llm(message: str) -> str:
+    return f"echo: {message}"
+
+
+@mlflow.trace(name="fake_llm_async")
+async def fake_llm_async(message: str) -> str:
+    await asyncio.sleep(0.001)
+    return f"echo: {message}"
+
+
+def seen_ids(request: Request) -> dict[str, Any]:
+    """What handler code sees of the request's trace, through every public way in."""
+    span = mlflow.get_current_active_span()
+    return {
+        "span_trace_id": span.trace_id if span else None,
+        "helper_trace_id": get_trace_id(),
+        "helper_request_id": get_client_request_id(),
+        "state_trace_id": request.state.mlflow_trace_id,
+    }
+
+
+def build_app(**middleware_kwargs: Any) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/chat")
+    async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
+        answer = await fake_llm_async(body.message)
+        return {"response": answer, **seen_ids(request)}
+
+    @app.post("/chat-sync")
+    def chat_sync(body: ChatRequest, request: Request) -> dict[str, Any]:
+        return {"response": fake_llm(body.message), **seen_ids(request)}
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internal detail")
+
+    @app.get("/unavailable")
+    async def unavailable() -> None:
+        raise HTTPException(503, "down for maintenance")
+
+    @app.get("/missing")
+    async def missing() -> None:
+        raise HTTPException(404, "no such thing")
+
+    @app.post("/chat/stream")
+    async def chat_stream(body: ChatRequest) -> StreamingResponse:
+        async def tokens() -> AsyncIterator[str]:
+            with mlflow.start_span("generate") as span:
+                span.set_inputs({"message": body.message})
+                for word in fake_llm(body.message).split():
+                    yield f"data: {json.dumps({'type': 'token', 'content': word + ' '})}\n\n"
+                    await asyncio.sleep(0.005)
+
+        return StreamingResponse(tokens(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
+
+    @app.get("/chat/stream-sync")
+    def chat_stream_sync() -> StreamingResponse:
+        def tokens() -> Iterator[str]:
+            span = mlflow.get_current_active_span()
+            yield f"data: {json.dumps({'span_trace_id': span.trace_id if span else None})}\n\n"
+            yield "data: second\n\n"
+
+        return StreamingResponse(tokens(), media_type="text/event-stream")
+
+    @app.get("/sse")
+    async def sse(request: Request) -> EventSourceResponse:
+        async def events() -> AsyncIterator[dict[str, str]]:
+            for i in range(3):
+                yield {"event": "token", "data": f"part {i}"}
+
+        return EventSourceResponse(events())
+
+    @app.get("/openai-stream")
+    async def openai_stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n'
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @app.get("/unterminated-stream")
+    async def unterminated_stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"data: first\n\n"
+            yield b"data: last-without-blank-line"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @app.get("/compressed-stream")
+    async def compressed_stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield gzip.compress(b"data: compressed\n\n")
+
+        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Content-Encoding": "gzip"})
+
+    @app.get("/slow-stream")
+    async def slow_stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(1000):
+                yield f"data: chunk {i}\n\n".encode()
+                await asyncio.sleep(0.02)
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        text = await websocket.receive_text()
+        await websocket.send_text(f"echo {text}")
+        await websocket.close()
+
+    app.add_middleware(MlflowFeedbackMiddleware, **middleware_kwargs)
+    return app

@@ -1,0 +1,147 @@
+"""Test support: a real `mlflow server` (sqlite backend) on a free loopback port, apps served through
+httpx or a real uvicorn server, and readers of what landed in MLflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow
+import pytest
+import uvicorn
+from mlflow.entities import Trace
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_command() -> list[str]:
+    explicit = os.environ.get("MLFLOW_SERVER_BIN")
+    if explicit:
+        return [explicit]
+    local = ROOT / ".venv-mlflow" / "bin" / "mlflow"
+    if local.exists():
+        return [str(local)]
+    found = shutil.which("mlflow")
+    if found:
+        return [found]
+    pytest.exit("no `mlflow` server executable: run the tests with `make test`", returncode=3)
+
+
+class MlflowServer:
+    """A `mlflow server` process with a sqlite store, which tests may stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - kept open for the child
+        self.process = subprocess.Popen(
+            [
+                *_server_command(),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.workdir / 'mlflow.db'}",
+                "--default-artifact-root",
+                str(self.workdir / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited; see {self.workdir / 'server.log'}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"mlflow server did not start in {timeout}s; see {self.workdir / 'server.log'}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, 15)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+        self.process = None
+
+
+def client_for(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+def get_trace(trace_id: str, timeout: float = 30.0) -> Trace:
+    """The stored trace, once it has fully landed; flushes MLflow's export queue (about 1 s) if needed."""
+    deadline = time.monotonic() + timeout
+    flushed = False
+    while True:
+        try:
+            trace = mlflow.get_trace(trace_id)
+        except Exception:
+            trace = None
+        if trace is not None and trace.data.spans and trace.info.state.value != "IN_PROGRESS":
+            return trace
+        if time.monotonic() > deadline:
+            raise AssertionError(f"trace {trace_id} did not land in {timeout}s")
+        if not flushed:
+            mlflow.flush_trace_async_logging()
+            flushed = True
+        else:
+            time.sleep(0.1)
+
+
+def root_span(trace: Trace) -> Any:
+    return next(span for span in trace.data.spans if span.parent_id is None)
+
+
+class UvicornThread:
+    """A real uvicorn server for `app` on a free loopback port, in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> UvicornThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
