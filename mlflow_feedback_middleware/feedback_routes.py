@@ -53,7 +53,7 @@ class FeedbackRoutes:
         self._prefix = settings.feedback_path + "/"
         self._settings = settings
         self._user_header = user_id_header_key.decode()
-        self._writer = FeedbackWriter(backend, recent, settings.feedback_wait_seconds)
+        self._writer = FeedbackWriter(backend, recent, settings.feedback_wait_seconds, settings.startup_timeout_seconds)
 
     def handles(self, path: str) -> bool:
         """Whether `path` belongs to the feedback routes."""

@@ -42,17 +42,20 @@ def _is(exc: BaseException, code: str) -> bool:
 class FeedbackWriter:
     """Resolves the trace a feedback request names and writes its assessments."""
 
-    def __init__(self, backend: MlflowBackend, recent: RecentTraces, wait_seconds: float) -> None:
+    def __init__(
+        self, backend: MlflowBackend, recent: RecentTraces, wait_seconds: float, startup_timeout: float
+    ) -> None:
         self._backend = backend
         self._recent = recent
         self._wait_seconds = wait_seconds
+        self._startup_timeout = startup_timeout
 
     async def trace_id_for(self, client_request_id: str) -> str:
         """The trace of a client request ID: from this process's memory, else by a search."""
         trace_id = self._recent.trace_for(client_request_id)
         if trace_id is not None:
             return trace_id
-        experiment_id = self._backend.experiment_id
+        experiment_id = await self._backend.ready(self._startup_timeout)
         if experiment_id is None:
             raise StoreUnavailable("the MLflow experiment is not resolved yet")
         try:

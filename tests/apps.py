@@ -39,7 +39,7 @@ def seen_ids(request: Request) -> dict[str, Any]:
         "span_trace_id": span.trace_id if span else None,
         "helper_trace_id": get_trace_id(),
         "helper_request_id": get_client_request_id(),
-        "state_trace_id": request.state.mlflow_trace_id,
+        "state_trace_id": getattr(request.state, "mlflow_trace_id", None),
     }
 
 

@@ -100,7 +100,9 @@ async def test_concurrent_requests_never_share_a_trace(experiment_name: str) -> 
     async with client_for(app) as client:
         responses = await asyncio.gather(
             *(
-                client.post("/chat" if i % 2 else "/chat-sync", json={"message": f"m{i}"}, headers={"X-User-ID": f"u{i}"})
+                client.post(
+                    "/chat" if i % 2 else "/chat-sync", json={"message": f"m{i}"}, headers={"X-User-ID": f"u{i}"}
+                )
                 for i in range(60)
             )
         )
@@ -229,8 +231,7 @@ async def test_streamed_answer_is_inside_one_trace_with_final_event(experiment_n
         f"data: {json.dumps({'type': 'token', 'content': word + ' '})}" for word in ("echo:", "one", "two", "three")
     ]
     assert events[-1] == (
-        "event: mlflow_trace\n"
-        f'data: {{"type":"done","trace_id":"{trace_id}","client_request_id":"r-1"}}'
+        f'event: mlflow_trace\ndata: {{"type":"done","trace_id":"{trace_id}","client_request_id":"r-1"}}'
     )
     trace = get_trace(trace_id)
     root = root_span(trace)

@@ -1,0 +1,222 @@
+"""The feedback routes: the seed guide's shapes, the general and rating shapes, and every bad input."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import mlflow
+import pytest
+
+from .apps import build_app
+from .support import client_for, get_trace
+
+pytestmark = pytest.mark.anyio
+
+TRACE_HEADER = "x-mlflow-trace-id"
+
+
+def feedback_on(trace_id: str) -> dict[str, Any]:
+    """The stored trace's assessments by name."""
+    trace = get_trace(trace_id)
+    return {a.name: a for a in trace.info.assessments}
+
+
+async def answered(client: httpx.AsyncClient, **headers: str) -> httpx.Response:
+    response = await client.post("/chat", json={"message": "hello"}, headers=headers)
+    assert response.status_code == 200
+    return response
+
+
+async def test_seed_trace_id_shape_right_after_the_answer(experiment_name: str) -> None:
+    """The seed's React flow: POST /feedback?trace_id=... the moment the answer arrives, no flush."""
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        response = await client.post(
+            f"/feedback?trace_id={trace_id}&user_id=alice", json={"is_correct": True, "comment": "spot on"}
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "success" and body["trace_id"] == trace_id
+    assert TRACE_HEADER not in response.headers  # the feedback route is never traced
+    stored = feedback_on(trace_id)["user_feedback"]
+    assert stored.value is True
+    assert stored.rationale == "spot on"
+    assert stored.source.source_type == "HUMAN"
+    assert stored.source.source_id == "alice"
+
+
+async def test_seed_client_request_id_shape_with_user_header(experiment_name: str) -> None:
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        answer = await answered(client, **{"X-Request-ID": "req-1234abcd"})
+        response = await client.post(
+            "/feedback?client_request_id=req-1234abcd",
+            json={"is_correct": False, "comment": None},
+            headers={"X-User-ID": "bob"},
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["trace_id"] == answer.headers[TRACE_HEADER]
+    stored = feedback_on(answer.headers[TRACE_HEADER])["user_feedback"]
+    assert stored.value is False and stored.source.source_id == "bob" and stored.rationale is None
+
+
+async def test_client_request_id_found_by_search_from_another_process(experiment_name: str) -> None:
+    """A fresh middleware (as in another worker) has no memory of the request and searches MLflow."""
+    async with client_for(build_app(experiment_name=experiment_name)) as client:
+        answer = await answered(client, **{"X-Request-ID": "req-other-worker"})
+    get_trace(answer.headers[TRACE_HEADER])
+    async with client_for(build_app(experiment_name=experiment_name)) as other:
+        response = await other.post("/feedback?client_request_id=req-other-worker", json={"is_correct": True})
+    assert response.status_code == 200, response.text
+    assert response.json()["trace_id"] == answer.headers[TRACE_HEADER]
+
+
+async def test_anonymous_when_no_user_is_given(experiment_name: str) -> None:
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        response = await client.post("/feedback", json={"trace_id": trace_id, "is_correct": True})
+    assert response.status_code == 200
+    assert feedback_on(trace_id)["user_feedback"].source.source_id == "anonymous"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [True, 3, 0.25, "too formal", ["wrong", "slow"], {"category": "tone", "severity": 2}],
+)
+async def test_general_shape_keeps_the_value_type(experiment_name: str, value: Any) -> None:
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        response = await client.post(
+            "/feedback",
+            json={
+                "trace_id": trace_id,
+                "name": "issue",
+                "value": value,
+                "rationale": "why",
+                "metadata": {"page": "chat", "n": 1},
+            },
+            headers={"X-User-ID": "carol"},
+        )
+    assert response.status_code == 200, response.text
+    stored = feedback_on(trace_id)["issue"]
+    expected = float(value) if type(value) is int else value  # REST returns numbers as floats
+    if isinstance(value, dict):
+        expected = {k: float(v) if type(v) is int else v for k, v in value.items()}
+    assert stored.value == expected
+    assert stored.rationale == "why"
+    assert stored.metadata == {"page": "chat", "n": "1"}
+    assert stored.source.source_id == "carol"
+
+
+async def test_ratings_are_normalised_with_raw_value_kept(experiment_name: str) -> None:
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        response = await client.post(
+            f"/feedback?trace_id={trace_id}",
+            json={"ratings": {"accuracy": 4, "helpfulness": 5, "relevance": 2.5}, "comment": "good"},
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["feedback_recorded"] == {
+        "user_accuracy": 0.8,
+        "user_helpfulness": 1.0,
+        "user_relevance": 0.5,
+    }
+    stored = feedback_on(trace_id)
+    assert stored["user_accuracy"].value == pytest.approx(0.8)
+    assert stored["user_accuracy"].metadata["raw_rating"] == "4"
+    assert stored["user_accuracy"].rationale == "good"
+    assert stored["user_helpfulness"].rationale is None
+    assert stored["user_relevance"].value == pytest.approx(0.5)
+
+
+async def test_seed_and_ratings_in_one_request(experiment_name: str) -> None:
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        response = await client.post(
+            f"/feedback?trace_id={trace_id}", json={"is_correct": True, "ratings": {"accuracy": 5}}
+        )
+    assert response.status_code == 200
+    assert set(feedback_on(trace_id)) == {"user_feedback", "user_accuracy"}
+
+
+async def test_feedback_from_the_final_sse_event(experiment_name: str) -> None:
+    """The seed's streaming hook: read the trace ID from the stream's last event, then send feedback."""
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        stream = await client.post("/chat/stream", json={"message": "a b"})
+        last = [block for block in stream.text.split("\n\n") if block][-1]
+        event = json.loads(last.split("data: ", 1)[1])
+        assert event["type"] == "done"
+        response = await client.post(f"/feedback?trace_id={event['trace_id']}", json={"is_correct": True})
+    assert response.status_code == 200, response.text
+    assert feedback_on(stream.headers[TRACE_HEADER])["user_feedback"].value is True
+
+
+BAD_REQUESTS: list[tuple[str, str, bytes | None, int, str]] = [
+    # (description, query, raw body, status, text the message must contain)
+    ("malformed JSON", "trace_id=tr-{t}", b'{"is_correct": tru', 400, "not valid JSON"),
+    ("NaN", "trace_id=tr-{t}", b'{"name": "x", "value": NaN}', 400, "NaN"),
+    ("array body", "trace_id=tr-{t}", b"[true]", 422, "JSON object"),
+    ("wrong type", "trace_id=tr-{t}", b'{"is_correct": "perhaps"}', 422, "is_correct"),
+    ("no feedback", "trace_id=tr-{t}", b"{}", 422, "no feedback given"),
+    ("name without value", "trace_id=tr-{t}", b'{"name": "x"}', 422, "'name' and 'value'"),
+    ("rating out of range", "trace_id=tr-{t}", b'{"ratings": {"accuracy": 6}}', 422, "ratings"),
+    ("rating not a number", "trace_id=tr-{t}", b'{"ratings": {"accuracy": "5"}}', 422, "ratings.accuracy"),
+    ("unknown field", "trace_id=tr-{t}", b'{"is_correct": true, "score": 1}', 422, "score"),
+    ("both IDs", "trace_id=tr-{t}&client_request_id=abc", b'{"is_correct": true}', 400, "not both"),
+    ("neither ID", "", b'{"is_correct": true}', 422, "trace_id or client_request_id"),
+    ("bad trace ID", "trace_id=tr%0d%0aX:1", b'{"is_correct": true}', 422, "trace_id"),
+    ("bad request ID", "client_request_id=a%20b", b'{"is_correct": true}', 422, "client_request_id"),
+    ("bad user ID", "trace_id=tr-{t}&user_id=%0a", b'{"is_correct": true}', 422, "user_id"),
+    ("unknown trace", "trace_id=tr-00000000000000000000000000000000", b'{"is_correct": true}', 404, "not found"),
+    ("unknown request ID", "client_request_id=never-issued", b'{"is_correct": true}', 404, "never-issued"),
+    ("too large", "trace_id=tr-{t}", b'{"comment": "' + b"x" * 70_000 + b'"}', 413, "larger than"),
+]
+
+
+@pytest.mark.parametrize(("case", "query", "body", "status", "text"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+async def test_bad_input_gets_a_clear_4xx(
+    experiment_name: str, case: str, query: str, body: bytes | None, status: int, text: str
+) -> None:
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        query = query.replace("tr-{t}", trace_id)
+        response = await client.post(f"/feedback?{query}", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    payload = response.json()
+    assert payload["status"] == "error"
+    assert text in json.dumps(payload), payload
+    assert feedback_on(trace_id) == {}  # nothing written for a rejected request
+
+
+async def test_other_methods_and_subpaths(experiment_name: str) -> None:
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        get = await client.get("/feedback")
+        assert get.status_code == 405 and get.headers["allow"] == "POST"
+        assert (await client.post("/feedback/nowhere", json={})).status_code == 404
+
+
+async def test_no_routes_when_feedback_path_is_none(experiment_name: str) -> None:
+    app = build_app(experiment_name=experiment_name, feedback_path=None)
+    async with client_for(app) as client:
+        response = await client.post("/feedback?trace_id=tr-1", json={"is_correct": True})
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found"}  # FastAPI's own 404: the middleware stayed out
+
+
+async def test_custom_feedback_path(experiment_name: str) -> None:
+    app = build_app(experiment_name=experiment_name, feedback_path="/api/v1/votes")
+    async with client_for(app) as client:
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        response = await client.post(f"/api/v1/votes?trace_id={trace_id}", json={"is_correct": True})
+    assert response.status_code == 200
+    assert mlflow.get_trace(trace_id) is not None
