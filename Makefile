@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test check bench clean
+.PHONY: demo test ui clean
 
 .venv/.ready: pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -29,3 +29,7 @@ test: .venv/.ready .venv-mlflow/.ready
 
 clean:
 	rm -rf .venv .venv-mlflow examples/mlflow.db examples/mlruns
+
+## ui: the MLflow UI on the demo's store
+ui: .venv-mlflow/.ready
+	cd examples && ../.venv-mlflow/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $${UI_PORT:-5000}

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from .apps import build_app
-from .support import client_for, get_trace, root_span
+from .support import UvicornThread, client_for, get_trace, root_span
 
 pytestmark = pytest.mark.anyio
 
@@ -295,3 +295,22 @@ async def test_final_event_can_be_turned_off(experiment_name: str) -> None:
     async with client_for(app) as client:
         response = await client.get("/openai-stream")
     assert "mlflow_trace" not in response.text
+
+
+def test_client_disconnect_mid_stream_is_a_recorded_outcome(experiment_name: str) -> None:
+    """Over a real socket: the trace still ends and lands, marked disconnected, with the partial answer."""
+    app = build_app(experiment_name=experiment_name)
+    with UvicornThread(app) as server, httpx.Client(base_url=server.url) as client:
+        with client.stream("GET", "/slow-stream") as response:
+            trace_id = response.headers[TRACE_HEADER]
+            lines = response.iter_lines()
+            received = [next(lines) for _ in range(5)]
+        assert received[0] == "data: chunk 0"
+        trace = get_trace(trace_id)
+    root = root_span(trace)
+    assert trace.info.state.value == "OK"
+    assert root.attributes["http.outcome"] == "client_disconnected"
+    assert trace.info.tags["http.outcome"] == "client_disconnected"
+    assert root.outputs["disconnected"] is True
+    assert root.outputs["body"].startswith("data: chunk 0\n\ndata: chunk 1\n\n")
+    assert "chunk 999" not in root.outputs["body"]
