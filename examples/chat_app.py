@@ -21,15 +21,16 @@ from pathlib import Path
 # sooner in this demo. The middleware waits for the trace either way.
 os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS", "500")
 
-import mlflow  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
-from fastapi.responses import HTMLResponse, StreamingResponse  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+import mlflow
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import BaseModel
 
-from mlflow_feedback_middleware import MlflowFeedbackMiddleware, get_trace_id  # noqa: E402
+from mlflow_feedback_middleware import MlflowFeedbackMiddleware, get_trace_id
 
 HERE = Path(__file__).resolve().parent
 TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{HERE / 'mlflow.db'}")
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -98,5 +99,3 @@ async def chat_stream(request: ChatRequest) -> StreamingResponse:
     return StreamingResponse(
         tokens(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
-
-

@@ -35,9 +35,7 @@ def run(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
         ([b": ping\n\n", b"data: x\n\n"], [b": ping\n\n", b"data: x\n\n"], EVENT_LF),
     ],
 )
-def test_trailer_appends_one_event_in_the_stream_framing(
-    chunks: list[bytes], sent: list[bytes], finish: bytes
-) -> None:
+def test_trailer_appends_one_event_in_the_stream_framing(chunks: list[bytes], sent: list[bytes], finish: bytes) -> None:
     assert run(chunks) == (sent, finish)
 
 

@@ -157,6 +157,28 @@ async def test_custom_error_handler_is_left_in_charge(experiment_name: str) -> N
     assert response.json() == {"detail": "custom"}
 
 
+async def test_wrapping_outside_keeps_ids_on_custom_error_responses(experiment_name: str) -> None:
+    """Wrapped around the whole app, the middleware sees even ServerErrorMiddleware's answers."""
+    from fastapi.responses import JSONResponse
+
+    from mlflow_feedback_middleware import MlflowFeedbackMiddleware
+
+    inner = build_app(feedback_path=None, exclude_paths=[r"."])  # the inner copy stays out of the way
+
+    @inner.exception_handler(Exception)
+    async def handler(request: object, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "custom"}, status_code=500)
+
+    app = MlflowFeedbackMiddleware(inner, experiment_name=experiment_name)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/boom")
+        named = await client.get("/items/5")
+    assert response.status_code == 500 and response.json() == {"detail": "custom"}
+    assert get_trace(response.headers[TRACE_HEADER]).info.state.value == "ERROR"
+    assert get_trace(named.headers[TRACE_HEADER]).info.tags["mlflow.traceName"] == "GET /items/{item_id}"
+
+
 @pytest.mark.parametrize(("path", "state"), [("/unavailable", "ERROR"), ("/missing", "OK")])
 async def test_http_errors_set_the_trace_state(experiment_name: str, path: str, state: str) -> None:
     app = build_app(experiment_name=experiment_name)
