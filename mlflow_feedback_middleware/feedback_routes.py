@@ -82,14 +82,13 @@ class FeedbackRoutes:
                 continue
             if field in data and data[field] != query_value:
                 raise _BadRequest(400, f"'{field}' differs between the query string and the body", field)
-            if field != "user_id":
-                data[field] = query_value
-        user_id = request.query_params.get("user_id") or data.pop("user_id", None)
+            data[field] = query_value
+        user_id = data.pop("user_id", None)
         if user_id is None:
             user_id = request.headers.get(self._user_header)
         source_id = ANONYMOUS
         if user_id is not None:
-            cleaned = clean_principal_id(user_id if isinstance(user_id, str) else None)
+            cleaned = clean_principal_id(user_id) if isinstance(user_id, str) else None
             if cleaned is None:
                 raise _BadRequest(422, "user_id must be 1-250 printable ASCII characters", "user_id")
             source_id = cleaned

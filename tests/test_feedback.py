@@ -74,6 +74,21 @@ async def test_client_request_id_found_by_search_from_another_process(experiment
     assert response.json()["trace_id"] == answer.headers[TRACE_HEADER]
 
 
+async def test_user_in_query_and_body_may_agree(experiment_name: str) -> None:
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        agree = await client.post(
+            f"/feedback?trace_id={trace_id}&user_id=dan", json={"user_id": "dan", "is_correct": True}
+        )
+        differ = await client.post(
+            f"/feedback?trace_id={trace_id}&user_id=dan", json={"user_id": "eve", "is_correct": True}
+        )
+    assert agree.status_code == 200, agree.text
+    assert differ.status_code == 400 and "user_id" in differ.json()["message"]
+    assert feedback_on(trace_id)["user_feedback"].source.source_id == "dan"
+
+
 async def test_anonymous_when_no_user_is_given(experiment_name: str) -> None:
     app = build_app(experiment_name=experiment_name)
     async with client_for(app) as client:
