@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test ui clean
+.PHONY: demo test ui bench clean
 
 .venv/.ready: pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -33,3 +33,8 @@ clean:
 ## ui: the MLflow UI on the demo's store
 ui: .venv-mlflow/.ready
 	cd examples && ../.venv-mlflow/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $${UI_PORT:-5000}
+
+## bench: variants measured against a bare app and the hand-written pattern (see benchmarks/run.py)
+bench: .venv/.ready
+	.venv/bin/pip install $(PIP_FLAGS) -e '.[bench]'
+	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)

@@ -1,0 +1,141 @@
+"""One measurement of one variant, in a process of its own (MLflow's and OTel's tracers are process-wide).
+
+Prints one JSON object. Run by `benchmarks/run.py`, not by hand.
+
+``inproc``: drives the app with raw ASGI calls on one event loop, no network, so the numbers are the
+app's and the tracer's own: request-path CPU (the event-loop thread), CPU including export (the whole
+process, after the exporter has drained), and how many traces reached the tracking server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import mlflow
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.variants import OTEL_PROVIDERS, VARIANTS
+
+BODY = json.dumps({"message": "hello there"}).encode()
+
+
+def scope_for(path: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+
+
+async def call(app: Any, path: str) -> tuple[int, bytes]:
+    received = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": BODY, "more_body": False}
+        await asyncio.sleep(3600)  # no disconnect while the response is being sent
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope_for(path), receive, send)
+    return status, b"".join(chunks)
+
+
+def flush(variant: str) -> None:
+    if variant == "otel":
+        for provider in OTEL_PROVIDERS:
+            provider.force_flush()
+    elif variant != "bare":
+        mlflow.flush_trace_async_logging()
+
+
+def count_traces(experiment_id: str) -> int:
+    from mlflow.tracing.client import TracingClient
+
+    client = TracingClient()
+    total, token = 0, None
+    while True:
+        page = client.search_traces(locations=[experiment_id], max_results=500, page_token=token, include_spans=False)
+        total += len(page)
+        token = page.token
+        if not token:
+            return total
+
+
+async def inproc(args: argparse.Namespace) -> dict[str, Any]:
+    app = VARIANTS[args.variant](args.experiment_name, args.experiment_id, args.tracking_uri)
+    path = "/chat" if args.kind == "json" else "/chat/stream"
+    for _ in range(args.warmup):
+        status, _body = await call(app, path)
+        assert status == 200, status
+    flush(args.variant)
+    before = count_traces(args.experiment_id) if args.variant not in ("bare",) else 0
+    thread0, process0 = time.thread_time(), time.process_time()
+    for _ in range(args.n):
+        await call(app, path)
+    thread1 = time.thread_time()
+    flush(args.variant)
+    process1 = time.process_time()
+    delivered = None
+    if args.variant != "bare":
+        # The server may still be ingesting what the client sent; wait until the count settles.
+        delivered, deadline = -1, time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            now = count_traces(args.experiment_id) - before
+            if now == delivered:
+                break
+            delivered = now
+    return {
+        "request_cpu_us": (thread1 - thread0) / args.n * 1e6,
+        "total_cpu_us": (process1 - process0) / args.n * 1e6,
+        "delivered": delivered,
+        "served": args.n,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    parser.add_argument("--mode", default="inproc", choices=["inproc"])
+    parser.add_argument("--kind", default="json", choices=["json", "sse"])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--tracking-uri", required=True)
+    parser.add_argument("--experiment-name", required=True)
+    parser.add_argument("--experiment-id", required=True)
+    args = parser.parse_args()
+    mlflow.set_tracking_uri(args.tracking_uri)
+    result = asyncio.run(inproc(args))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
