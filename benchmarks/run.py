@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support import MlflowServer  # noqa: E402
 
-VARIANT_ORDER = ["bare", "seed", "otel", "ours"]
+VARIANT_ORDER = ["bare", "seed", "otel", "ours", "ours-otlp"]
 
 
 def create_experiment(tracking_uri: str, name: str) -> str:
@@ -83,14 +83,14 @@ def main() -> None:
                     for variant in variants:
                         row = run_worker(variant, kind, args.n, server)
                         rows[(variant, kind)].append(row)
-                        print(f"round {round_number + 1} {kind:4} {variant:5} {json.dumps(row)}", file=sys.stderr)
+                        print(f"round {round_number + 1} {kind:4} {variant:9} {json.dumps(row)}", file=sys.stderr)
         finally:
             server.stop()
 
     summary: dict[str, Any] = {"rounds": args.rounds, "n": args.n, "results": {}}
     print(f"\nin-process, {args.n} requests x {args.rounds} rounds, medians; ratios vs bare and vs seed\n")
     header = (
-        f"{'kind':5} {'variant':7} {'req CPU us':>10} {'vs bare':>8} {'vs seed':>8} "
+        f"{'kind':5} {'variant':9} {'req CPU us':>10} {'vs bare':>8} {'vs seed':>8} "
         f"{'CPU+export us':>13} {'vs bare':>8} {'vs seed':>8} {'delivered':>10}"
     )
     print(header)
@@ -116,7 +116,7 @@ def main() -> None:
                 "rounds": got,
             }
             print(
-                f"{kind:5} {variant:7} {req:10.0f} {ratio(req, base_req):>8} {ratio(req, seed_req):>8} "
+                f"{kind:5} {variant:9} {req:10.0f} {ratio(req, base_req):>8} {ratio(req, seed_req):>8} "
                 f"{tot:13.0f} {ratio(tot, base_tot):>8} {ratio(tot, seed_tot):>8} {delivered_text:>10}"
             )
     Path(args.json).write_text(json.dumps(summary, indent=2))

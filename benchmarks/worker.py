@@ -73,7 +73,10 @@ def flush(variant: str) -> None:
         for provider in OTEL_PROVIDERS:
             provider.force_flush()
     elif variant != "bare":
+        from mlflow.tracing.provider import provider
+
         mlflow.flush_trace_async_logging()
+        provider.get().force_flush()  # type: ignore[attr-defined]
 
 
 def count_traces(experiment_id: str) -> int:

@@ -38,6 +38,7 @@ class Settings:
     rating_scale: tuple[float, float] = (1, 5)
     startup_timeout_seconds: float = 10.0
     mlflow_threads: int = 8
+    export: str = "mlflow"
     _exclude: tuple[re.Pattern[str], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +56,8 @@ class Settings:
             raise ValueError("rating_scale must be (low, high) with 0 < low < high")
         if isinstance(self.exclude_paths, str):
             raise TypeError("exclude_paths takes a list of regular expressions, not one string")
+        if self.export not in ("mlflow", "otlp"):
+            raise ValueError("export must be 'mlflow' (MLflow's exporter) or 'otlp' (batched OTLP)")
         for name in ("max_capture_bytes", "max_feedback_body_bytes", "mlflow_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

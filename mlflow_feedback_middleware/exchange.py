@@ -16,7 +16,7 @@ from .capture import BodyCapture, is_json_type
 from .context import RequestIds, current_ids
 from .ids import clean_principal_id, is_valid_client_request_id, new_client_request_id
 from .sse import SseTrailer
-from .tracing import annotate_trace, logger, rename_root, tag_trace
+from .tracing import annotate_trace, logger, rename_root, set_trace_tags
 
 if TYPE_CHECKING:
     from .middleware import MlflowFeedbackMiddleware
@@ -97,7 +97,7 @@ class TracedExchange:
                 return
             assert isinstance(span, LiveSpan)
             self.ids = RequestIds(span.trace_id, request_id)
-            annotate_trace(request_id, user_id, session_id)
+            annotate_trace(span, request_id, user_id, session_id, mw.backend.otlp)
             mw.recent.add(span.trace_id, request_id)
             state = scope.setdefault("state", {})
             state["mlflow_trace_id"] = span.trace_id
@@ -227,7 +227,7 @@ class TracedExchange:
         template = getattr(route, "path_format", None) or getattr(route, "path", None)
         if template:
             prefix = scope.get("root_path", "")[len(self._entry_root_path) :]
-            rename_root(span, f"{method} {prefix}{template}")
+            rename_root(span, f"{method} {prefix}{template}", self._mw.backend.otlp)
             span.set_attribute("http.route", prefix + template)
         inputs: dict[str, Any] = {"method": method, "path": scope["path"]}
         query = scope.get("query_string", b"")
@@ -260,5 +260,6 @@ class TracedExchange:
             outcome = "completed"
         span.set_attribute(_OUTCOME_ATTRIBUTE, outcome)
         if outcome != "completed":
-            tag_trace(_OUTCOME_ATTRIBUTE, outcome)  # searchable: tags.`http.outcome` = 'error'
+            # searchable: tags.`http.outcome` = 'error'
+            set_trace_tags(span, {_OUTCOME_ATTRIBUTE: outcome}, self._mw.backend.otlp)
         span.set_outputs(outputs)

@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from .feedback_models import Assessment
 from .registry import RecentTraces
-from .tracing import MlflowBackend
+from .tracing import CLIENT_REQUEST_ID_TAG, MlflowBackend
 
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 _INVALID = "INVALID_PARAMETER_VALUE"
@@ -59,7 +59,9 @@ class FeedbackWriter:
         if experiment_id is None:
             raise StoreUnavailable("the MLflow experiment is not resolved yet")
         try:
-            traces = await self._backend.run(_search_by_request_id, experiment_id, client_request_id)
+            traces = await self._backend.run(
+                _search_by_request_id, experiment_id, client_request_id, self._backend.otlp
+            )
         except Exception as exc:
             raise StoreUnavailable(str(exc)) from exc
         if not traces:
@@ -103,11 +105,13 @@ def _log_feedback(trace_id: str, assessment: Assessment, source_id: str) -> str 
     return feedback.assessment_id
 
 
-def _search_by_request_id(experiment_id: str, client_request_id: str) -> list[str]:
+def _search_by_request_id(experiment_id: str, client_request_id: str, by_tag: bool) -> list[str]:
     # The ID's charset (checked before we get here) has no quotes, so it is safe inside the filter.
+    # OTLP ingestion leaves MLflow's client_request_id column empty; the middleware tags it instead.
+    column = f"tags.`{CLIENT_REQUEST_ID_TAG}`" if by_tag else "trace.client_request_id"
     traces = mlflow.search_traces(
         locations=[experiment_id],
-        filter_string=f"trace.client_request_id = '{client_request_id}'",
+        filter_string=f"{column} = '{client_request_id}'",
         max_results=1,
         return_type="list",
         include_spans=False,

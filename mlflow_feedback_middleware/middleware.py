@@ -16,6 +16,7 @@ those traces is accepted at ``POST /feedback``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -54,6 +55,7 @@ class MlflowFeedbackMiddleware:
         rating_scale: tuple[float, float] = (1, 5),
         startup_timeout_seconds: float = 10.0,
         mlflow_threads: int = 8,
+        export: Literal["mlflow", "otlp"] = "mlflow",
     ) -> None:
         self.app = app
         self.settings = settings = Settings(
@@ -75,13 +77,14 @@ class MlflowFeedbackMiddleware:
             rating_scale=rating_scale,
             startup_timeout_seconds=startup_timeout_seconds,
             mlflow_threads=mlflow_threads,
+            export=export,
         )
         # ASGI header names arrive lower-cased as bytes; compare against these without re-encoding.
         self.trace_id_header_key = settings.trace_id_header.lower().encode()
         self.request_id_header_key = settings.request_id_header.lower().encode()
         self.user_id_header_key = settings.user_id_header.lower().encode()
         self.session_id_header_key = settings.session_id_header.lower().encode()
-        self.backend = MlflowBackend(tracking_uri, experiment_name, settings.mlflow_threads)
+        self.backend = MlflowBackend(tracking_uri, experiment_name, settings.mlflow_threads, export)
         self.recent = RecentTraces()
         self.feedback = (
             FeedbackRoutes(settings, self.backend, self.recent, self.user_id_header_key)

@@ -7,8 +7,10 @@ event loop and never on the app's threadpool (a slow tracking server must not st
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +34,24 @@ _RETRY_SECONDS = (1, 2, 5, 10, 30, 60)
 _TRACE_NAME_TAG = "mlflow.traceName"
 
 
+# Modules that mlflow-tracing's span code imports on every span (for model serving and agent hints) and
+# that only the full mlflow package ships: package -> the submodule imported.
+_PROBED_MODULES = {"mlflow.pyfunc": "mlflow.pyfunc.context", "mlflow.agent": "mlflow.agent.hint"}
+
+
+def skip_absent_module_probes() -> None:
+    """Make mlflow-tracing's per-span imports of modules it does not ship fail fast.
+
+    mlflow-tracing catches the ImportError of each such probe, but Python does not cache failed imports,
+    so every probe searches sys.path again, under the import lock: about a fifth of the request-path CPU.
+    A None entry in sys.modules is Python's own marker for "known absent" and makes the import fail at
+    once. Nothing changes where the full mlflow package is installed.
+    """
+    for package, submodule in _PROBED_MODULES.items():
+        if package not in sys.modules and importlib.util.find_spec(package) is None:
+            sys.modules[package] = sys.modules[submodule] = None  # type: ignore[assignment]
+
+
 class MlflowBackend:
     """Resolves the experiment traces go to, once and off the event loop, and runs MLflow calls.
 
@@ -39,11 +59,16 @@ class MlflowBackend:
     untraced: a client is never handed a trace ID that will never exist.
     """
 
-    def __init__(self, tracking_uri: str | None, experiment_name: str | None, threads: int) -> None:
+    def __init__(
+        self, tracking_uri: str | None, experiment_name: str | None, threads: int, export: str = "mlflow"
+    ) -> None:
+        skip_absent_module_probes()
         if tracking_uri:
             # MLflow's tracing provider has one process-wide tracking URI; setting it is the only way.
             mlflow.set_tracking_uri(tracking_uri)
         self._experiment_name = experiment_name
+        self._export = export
+        self.otlp = False  # traces go through MLflow's batched OTLP exporter (export="otlp")
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mlflow-feedback")
         self._lock = threading.Lock()
         self._attempt: Future[str | None] | None = None
@@ -86,6 +111,8 @@ class MlflowBackend:
         if self._failures:
             logger.warning("MLflow tracking server %s is reachable again; tracing resumes", uri)
         self._failures = 0
+        if self._export == "otlp":
+            self.otlp = use_otlp_export(uri, experiment_id)
         self._location = MlflowExperimentLocation(experiment_id=experiment_id)
         self.experiment_id = experiment_id
         logger.info("MlflowFeedbackMiddleware traces requests to experiment %s at %s", experiment_id, uri)
@@ -167,23 +194,80 @@ class MlflowBackend:
         self._executor.shutdown(wait=False)
 
 
-def annotate_trace(client_request_id: str, user_id: str | None, session_id: str | None) -> None:
-    """Record the request's IDs on the active trace."""
+def use_otlp_export(uri: str, experiment_id: str) -> bool:
+    """Switch MLflow to its batched OTLP exporter, sending to the tracking server's ``/v1/traces``.
+
+    MLflow's own exporter makes two HTTP calls per trace (spans, then trace info); OTLP batches the
+    spans of many traces in one protobuf request and the server builds the trace info from them. MLflow
+    configures OTLP export only through OpenTelemetry's standard environment variables, so they are set
+    for the whole process. Returns whether the switch happened.
+    """
+    if urlparse(uri).scheme not in ("http", "https"):
+        logger.error("export='otlp' needs an http(s):// tracking server, not %r; using MLflow's exporter", uri)
+        return False
+    if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+        logger.error(
+            "export='otlp' needs opentelemetry-exporter-otlp-proto-http "
+            "(pip install 'mlflow-feedback-middleware[otlp]'); using MLflow's exporter"
+        )
+        return False
+    from urllib.parse import quote
+
+    from mlflow.tracing.provider import reset
+    from mlflow.tracing.utils.otlp import build_otlp_headers
+
+    headers = ",".join(f"{quote(k)}={quote(v)}" for k, v in build_otlp_headers(experiment_id).items())
+    os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = uri.rstrip("/") + "/v1/traces"
+    os.environ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
+    os.environ["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = headers
+    reset()  # MLflow picks its span processors when the tracer provider is (re)built
+    return True
+
+
+# Root-span attributes from which the tracking server's OTLP ingestion builds trace info: OTel's
+# semantic-convention user and session IDs, and "mlflow.traceTag.<key>" for tags.
+OTLP_TAG_PREFIX = "mlflow.traceTag."
+CLIENT_REQUEST_ID_TAG = "mlflow_feedback.client_request_id"
+
+
+def set_trace_tags(span: LiveSpan, tags: dict[str, str], otlp: bool) -> None:
+    """Tag the request's trace.
+
+    With OTLP export, tags go on the root span as attributes the server turns back into tags: MLflow's
+    OTLP processor (3.17) tries to copy trace tags onto the span after it has ended, which fails on the
+    now-immutable attributes and loses the whole trace.
+    """
+    if otlp:
+        for key, value in tags.items():
+            span.set_attribute(OTLP_TAG_PREFIX + key, value)
+    else:
+        mlflow.update_current_trace(tags=tags)
+
+
+def annotate_trace(
+    span: LiveSpan, client_request_id: str, user_id: str | None, session_id: str | None, otlp: bool
+) -> None:
+    """Record the request's IDs on its trace.
+
+    With OTLP export the server never sees MLflow's in-memory trace info, so they go on the root span,
+    where its ingestion reads them; the client request ID becomes a tag (its column stays empty).
+    """
     mlflow.update_current_trace(client_request_id=client_request_id, user=user_id, session_id=session_id)
+    if otlp:
+        set_trace_tags(span, {CLIENT_REQUEST_ID_TAG: client_request_id}, otlp)
+        if user_id:
+            span.set_attribute("user.id", user_id)
+        if session_id:
+            span.set_attribute("session.id", session_id)
 
 
-def tag_trace(key: str, value: str) -> None:
-    """Set a tag on the active trace."""
-    mlflow.update_current_trace(tags={key: value})
-
-
-def rename_root(span: LiveSpan, name: str) -> None:
+def rename_root(span: LiveSpan, name: str, otlp: bool) -> None:
     """Rename the root span and the trace once the route template is known.
 
     MLflow has no public rename; the OTel span it wraps has one, and the trace-name tag is public.
     """
     try:
         span._span.update_name(name)  # type: ignore[attr-defined]
-        tag_trace(_TRACE_NAME_TAG, name)
+        set_trace_tags(span, {_TRACE_NAME_TAG: name}, otlp)
     except Exception:  # naming is cosmetic: never let it fail a request
         logger.debug("could not rename root span to %r", name, exc_info=True)

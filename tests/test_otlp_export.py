@@ -1,0 +1,85 @@
+"""export="otlp": MLflow's batched OTLP exporter, checked for the same stored facts as the default path.
+
+Runs in its own process: the switch sets OpenTelemetry's process-wide environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .support import ROOT, MlflowServer
+
+SCRIPT = """
+import asyncio, json, sys
+import httpx, mlflow
+from tests.apps import build_app
+from tests.support import get_trace, root_span
+
+async def main():
+    app = build_app(tracking_uri=sys.argv[1], experiment_name="otlp-export", export="otlp")
+    out = {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        r = await client.post("/chat?x=1", json={"message": "hi"},
+                              headers={"X-Request-ID": "otlp-req-1", "X-User-ID": "u1", "X-Session-ID": "s1"})
+        s = await client.post("/chat/stream", json={"message": "a b"})
+        fb = await client.post("/feedback?client_request_id=otlp-req-1", json={"is_correct": True, "comment": "ok"})
+        out["feedback"] = [fb.status_code, fb.json()]
+        out["stream_tail"] = s.text.strip().splitlines()[-1]
+    trace = get_trace(r.headers["x-mlflow-trace-id"])
+    # A fresh middleware (another worker) finds the client request ID by its tag.
+    other = build_app(tracking_uri=sys.argv[1], experiment_name="otlp-export", export="otlp")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://t") as client:
+        fb = await client.post("/feedback?client_request_id=otlp-req-1", json={"ratings": {"accuracy": 5}})
+        out["other_feedback"] = [fb.status_code, fb.json()]
+    trace = get_trace(r.headers["x-mlflow-trace-id"])
+    root = root_span(trace)
+    out["trace"] = {
+        "name": trace.info.tags.get("mlflow.traceName"),
+        "tag_request_id": trace.info.tags.get("mlflow_feedback.client_request_id"),
+        "metadata": {k: v for k, v in trace.info.trace_metadata.items() if k.startswith("mlflow.trace.")},
+        "state": trace.info.state.value,
+        "inputs": root.inputs,
+        "status": root.outputs["status_code"],
+        "spans": sorted(span.name for span in trace.data.spans),
+        "assessments": [(a.name, a.value, a.source.source_id, a.rationale) for a in trace.info.assessments],
+    }
+    out["trace_id"] = r.headers["x-mlflow-trace-id"]
+    out["otlp_env"] = {k: v for k, v in __import__("os").environ.items() if k.startswith("OTEL_EXPORTER")}
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_otlp_export_keeps_what_feedback_and_reports_need(mlflow_server: MlflowServer) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mlflow_server.url],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["otlp_env"]["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == f"{mlflow_server.url}/v1/traces"
+    trace = out["trace"]
+    assert trace["name"] == "POST /chat"
+    assert trace["tag_request_id"] == "otlp-req-1"
+    assert trace["metadata"]["mlflow.trace.user"] == "u1"
+    assert trace["metadata"]["mlflow.trace.session"] == "s1"
+    assert trace["state"] == "OK"
+    assert trace["inputs"] == {"method": "POST", "path": "/chat", "query": {"x": "1"}, "body": {"message": "hi"}}
+    assert trace["status"] == 200
+    assert trace["spans"] == ["POST /chat", "fake_llm_async"]
+    assert out["feedback"][0] == 200 and out["feedback"][1]["trace_id"] == out["trace_id"]
+    assert out["other_feedback"][0] == 200 and out["other_feedback"][1]["trace_id"] == out["trace_id"]
+    assert sorted(trace["assessments"]) == [
+        ["user_accuracy", 1.0, "anonymous", None],
+        ["user_feedback", True, "anonymous", "ok"],
+    ]
+    assert out["stream_tail"].startswith('data: {"type":"done"')
