@@ -26,7 +26,7 @@ from benchmarks.variants import OTEL_PROVIDERS, VARIANTS
 BODY = json.dumps({"message": "hello there"}).encode()
 
 
-def scope_for(path: str) -> dict[str, Any]:
+def scope_for(path: str, body: bytes = BODY, query: bytes = b"") -> dict[str, Any]:
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -36,15 +36,15 @@ def scope_for(path: str) -> dict[str, Any]:
         "path": path,
         "raw_path": path.encode(),
         "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())],
+        "query_string": query,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8000),
         "state": {},
     }
 
 
-async def call(app: Any, path: str) -> tuple[int, bytes]:
+async def call(app: Any, path: str, body: bytes = BODY, query: bytes = b"") -> tuple[int, bytes]:
     received = False
     status = 0
     chunks: list[bytes] = []
@@ -53,7 +53,7 @@ async def call(app: Any, path: str) -> tuple[int, bytes]:
         nonlocal received
         if not received:
             received = True
-            return {"type": "http.request", "body": BODY, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.sleep(3600)  # no disconnect while the response is being sent
         return {"type": "http.disconnect"}
 
@@ -64,7 +64,7 @@ async def call(app: Any, path: str) -> tuple[int, bytes]:
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await app(scope_for(path), receive, send)
+    await app(scope_for(path, body, query), receive, send)
     return status, b"".join(chunks)
 
 
@@ -124,10 +124,61 @@ async def inproc(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def feedback_burst(args: argparse.Namespace) -> dict[str, Any]:
+    """Event-loop lag while `n` feedback posts are in flight at once, and their throughput."""
+    app = VARIANTS[args.variant](args.experiment_name, args.experiment_id, args.tracking_uri)
+    trace_ids = []
+    for _ in range(args.n):
+        status, _ = await call(app, "/chat")
+        assert status == 200
+    # The trace IDs: the bench app's body has none, so read them from the store once exported.
+    flush(args.variant)
+    from mlflow.tracing.client import TracingClient
+
+    token = None
+    while True:
+        page = TracingClient().search_traces(
+            locations=[args.experiment_id], max_results=500, page_token=token, include_spans=False
+        )
+        trace_ids += [t.info.trace_id for t in page]
+        token = page.token
+        if not token:
+            break
+    lags: list[float] = []
+    running = True
+
+    async def ticker() -> None:
+        while running:
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - started - 0.001)
+
+    feedback = json.dumps({"is_correct": True, "comment": "burst"}).encode()
+
+    async def post(trace_id: str) -> int:
+        status, _ = await call(app, "/feedback", feedback, f"trace_id={trace_id}".encode())
+        return status
+
+    tick = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    statuses = await asyncio.gather(*(post(t) for t in trace_ids))
+    elapsed = time.perf_counter() - started
+    running = False
+    await tick
+    lags.sort()
+    return {
+        "posts": len(statuses),
+        "ok": sum(s == 200 for s in statuses),
+        "posts_per_s": len(statuses) / elapsed,
+        "max_stall_ms": lags[-1] * 1000,
+        "p99_stall_ms": lags[int(len(lags) * 0.99)] * 1000,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", required=True, choices=sorted(VARIANTS))
-    parser.add_argument("--mode", default="inproc", choices=["inproc"])
+    parser.add_argument("--mode", default="inproc", choices=["inproc", "feedback"])
     parser.add_argument("--kind", default="json", choices=["json", "sse"])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=100)
@@ -136,7 +187,7 @@ def main() -> None:
     parser.add_argument("--experiment-id", required=True)
     args = parser.parse_args()
     mlflow.set_tracking_uri(args.tracking_uri)
-    result = asyncio.run(inproc(args))
+    result = asyncio.run(inproc(args) if args.mode == "inproc" else feedback_burst(args))
     print(json.dumps(result))
 
 

@@ -16,7 +16,7 @@ from .capture import BodyCapture, is_json_type
 from .context import RequestIds, current_ids
 from .ids import clean_principal_id, is_valid_client_request_id, new_client_request_id
 from .sse import SseTrailer
-from .tracing import annotate_trace, logger, rename_root, set_trace_tags
+from .tracing import annotate_trace, hoist_trace_tags, logger, rename_root, set_trace_tags
 
 if TYPE_CHECKING:
     from .middleware import MlflowFeedbackMiddleware
@@ -263,3 +263,5 @@ class TracedExchange:
             # searchable: tags.`http.outcome` = 'error'
             set_trace_tags(span, {_OUTCOME_ATTRIBUTE: outcome}, self._mw.backend.otlp)
         span.set_outputs(outputs)
+        if self._mw.backend.otlp:
+            hoist_trace_tags(span)

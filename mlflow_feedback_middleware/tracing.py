@@ -244,6 +244,25 @@ def set_trace_tags(span: LiveSpan, tags: dict[str, str], otlp: bool) -> None:
         mlflow.update_current_trace(tags=tags)
 
 
+def hoist_trace_tags(span: LiveSpan) -> None:
+    """Move tags that handler code set with `mlflow.update_current_trace(tags=...)` onto the root span.
+
+    With OTLP export, MLflow's processor would copy them there itself, after the span ended, and fail
+    (see `set_trace_tags`), losing the trace; moved here first, they survive as tags on the server.
+    """
+    from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+    try:
+        with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
+            if trace is None:
+                return
+            tags = trace.info.tags
+            for key in [k for k in tags if not k.startswith("mlflow.")]:
+                span.set_attribute(OTLP_TAG_PREFIX + key, tags.pop(key))
+    except Exception:
+        logger.debug("could not move trace tags onto the root span", exc_info=True)
+
+
 def annotate_trace(
     span: LiveSpan, client_request_id: str, user_id: str | None, session_id: str | None, otlp: bool
 ) -> None:

@@ -51,6 +51,11 @@ def build_app(**middleware_kwargs: Any) -> FastAPI:
         answer = await fake_llm_async(body.message)
         return {"response": answer, **seen_ids(request)}
 
+    @app.post("/chat-tagged")
+    async def chat_tagged(body: ChatRequest) -> dict[str, Any]:
+        mlflow.update_current_trace(tags={"app.topic": "billing"})
+        return {"response": await fake_llm_async(body.message)}
+
     @app.post("/chat-sync")
     def chat_sync(body: ChatRequest, request: Request) -> dict[str, Any]:
         return {"response": fake_llm(body.message), **seen_ids(request)}

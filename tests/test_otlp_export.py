@@ -28,6 +28,7 @@ async def main():
         fb = await client.post("/feedback?client_request_id=otlp-req-1", json={"is_correct": True, "comment": "ok"})
         out["feedback"] = [fb.status_code, fb.json()]
         out["stream_tail"] = s.text.strip().splitlines()[-1]
+        tagged = await client.post("/chat-tagged", json={"message": "hi"})
     trace = get_trace(r.headers["x-mlflow-trace-id"])
     # A fresh middleware (another worker) finds the client request ID by its tag.
     other = build_app(tracking_uri=sys.argv[1], experiment_name="otlp-export", export="otlp")
@@ -47,6 +48,7 @@ async def main():
         "assessments": [(a.name, a.value, a.source.source_id, a.rationale) for a in trace.info.assessments],
     }
     out["trace_id"] = r.headers["x-mlflow-trace-id"]
+    out["tagged"] = get_trace(tagged.headers["x-mlflow-trace-id"]).info.tags.get("app.topic")
     out["otlp_env"] = {k: v for k, v in __import__("os").environ.items() if k.startswith("OTEL_EXPORTER")}
     print(json.dumps(out))
 
@@ -82,4 +84,5 @@ def test_otlp_export_keeps_what_feedback_and_reports_need(mlflow_server: MlflowS
         ["user_accuracy", 1.0, "anonymous", None],
         ["user_feedback", True, "anonymous", "ok"],
     ]
+    assert out["tagged"] == "billing"  # a handler's own trace tags survive OTLP export
     assert out["stream_tail"].startswith('data: {"type":"done"')
