@@ -175,10 +175,85 @@ async def feedback_burst(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"message": "hello there"}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def saturation(args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput and latency under uvicorn on loopback, driven by wrk, and what reached the server."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+    import threading
+
+    import uvicorn
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("saturation needs wrk (Debian: apt-get install wrk)")
+    app = VARIANTS[args.variant](args.experiment_name, args.experiment_id, args.tracking_uri)
+    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="error", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    path = "/chat" if args.kind == "json" else "/chat/stream"
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT)
+    url = f"http://127.0.0.1:{args.port}{path}"
+    # Warm-up (also resolves the experiment), then the measured run.
+    subprocess.run([wrk, "-t1", "-c4", "-d2s", "-s", script.name, url], capture_output=True, check=True)
+    flush(args.variant)
+    before = count_traces(args.experiment_id) if args.variant != "bare" else 0
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency", "-s", script.name, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    server.should_exit = True
+    thread.join()
+    served = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def percentile(p: str) -> float:
+        match = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        assert match, out
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+        return float(match.group(1)) * scale
+
+    delivered = None
+    if args.variant != "bare":
+        flush(args.variant)
+        delivered, deadline = -1, time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(2.0)
+            now = count_traces(args.experiment_id) - before
+            if now == delivered:
+                break
+            delivered = now
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": percentile("50"),
+        "p99_ms": percentile("99"),
+        "served": served,
+        "errors": int(non_2xx.group(1)) if non_2xx else 0,
+        "delivered": delivered,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", required=True, choices=sorted(VARIANTS))
-    parser.add_argument("--mode", default="inproc", choices=["inproc", "feedback"])
+    parser.add_argument("--mode", default="inproc", choices=["inproc", "feedback", "saturation"])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--kind", default="json", choices=["json", "sse"])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=100)
@@ -187,7 +262,10 @@ def main() -> None:
     parser.add_argument("--experiment-id", required=True)
     args = parser.parse_args()
     mlflow.set_tracking_uri(args.tracking_uri)
-    result = asyncio.run(inproc(args) if args.mode == "inproc" else feedback_burst(args))
+    if args.mode == "saturation":
+        result = saturation(args)
+    else:
+        result = asyncio.run(inproc(args) if args.mode == "inproc" else feedback_burst(args))
     print(json.dumps(result))
 
 
