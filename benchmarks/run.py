@@ -140,17 +140,22 @@ def report_saturation(
 
 def report_feedback(rows: dict[tuple[str, str, str], list[dict[str, Any]]], variants: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    header = f"{'variant':9} {'posts':>6} {'ok':>6} {'posts/s':>8} {'max stall ms':>13} {'p99 stall ms':>13}"
+    header = (
+        f"{'variant':9} {'posts':>6} {'ok':>6} {'posts/s':>8} {'max lag ms':>11} {'p99 lag ms':>11} "
+        f"{'longest step ms':>16} {'steps >5ms':>11}"
+    )
     print("\nA burst of feedback posts at once (in-process): event-loop stalls; medians over rounds\n")
     print(header)
     print("-" * len(header))
     for variant in variants:
         got = rows[("feedback", variant, "json")]
-        values = {key: median(got, key) for key in ("posts", "ok", "posts_per_s", "max_stall_ms", "p99_stall_ms")}
+        keys = ("posts", "ok", "posts_per_s", "max_stall_ms", "p99_stall_ms", "longest_step_ms", "steps_over_5ms")
+        values = {key: median(got, key) for key in keys}
         out[f"feedback/{variant}"] = {**values, "rounds": got}
         print(
             f"{variant:9} {values['posts'] or 0:6.0f} {values['ok'] or 0:6.0f} {values['posts_per_s'] or 0:8.0f} "
-            f"{values['max_stall_ms'] or 0:13.2f} {values['p99_stall_ms'] or 0:13.2f}"
+            f"{values['max_stall_ms'] or 0:11.2f} {values['p99_stall_ms'] or 0:11.2f} "
+            f"{values['longest_step_ms'] or 0:16.2f} {values['steps_over_5ms'] or 0:11.0f}"
         )
     return out
 

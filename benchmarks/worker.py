@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -159,12 +161,32 @@ async def feedback_burst(args: argparse.Namespace) -> dict[str, Any]:
         status, _ = await call(app, "/feedback", feedback, f"trace_id={trace_id}".encode())
         return status
 
+    # The ticker's lag counts everything that ran on the loop, including 500 tasks made ready at once by
+    # the burst itself. asyncio's debug mode times each step of each task alone: the longest step is
+    # the longest the library itself held the loop.
+    steps: list[float] = []
+
+    class SlowSteps(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            match = re.search(r"took ([\d.]+) seconds", record.getMessage())
+            if match:
+                steps.append(float(match.group(1)))
+                # BENCH_SHOW_SLOW=1 names the slow steps: trivial timer callbacks among them mean the
+                # loop thread was waiting for the GIL, not running slow code.
+                if os.environ.get("BENCH_SHOW_SLOW") and float(match.group(1)) > 0.02:
+                    print(record.getMessage()[:300], file=sys.stderr)
+
+    logging.getLogger("asyncio").addHandler(SlowSteps())
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.001
     tick = asyncio.create_task(ticker())
     started = time.perf_counter()
     statuses = await asyncio.gather(*(post(t) for t in trace_ids))
     elapsed = time.perf_counter() - started
     running = False
     await tick
+    loop.set_debug(False)
     lags.sort()
     return {
         "posts": len(statuses),
@@ -172,6 +194,8 @@ async def feedback_burst(args: argparse.Namespace) -> dict[str, Any]:
         "posts_per_s": len(statuses) / elapsed,
         "max_stall_ms": lags[-1] * 1000,
         "p99_stall_ms": lags[int(len(lags) * 0.99)] * 1000,
+        "longest_step_ms": max(steps, default=0.0) * 1000,
+        "steps_over_5ms": sum(step > 0.005 for step in steps),
     }
 
 
