@@ -36,6 +36,13 @@ def create_experiment(tracking_uri: str, name: str) -> str:
 
 def run_worker(mode: str, variant: str, kind: str, args: argparse.Namespace, server: MlflowServer) -> dict[str, Any]:
     name = f"bench-{mode}-{variant}-{kind}-{uuid.uuid4().hex[:8]}"
+    requests_for = {
+        "inproc": args.n,
+        "saturation": args.n,
+        "feedback": args.feedback_posts,
+        "memory": args.memory_requests,
+        "ttfb": args.ttfb_requests,
+    }
     experiment_id = create_experiment(server.url, name)
     command = [
         sys.executable,
@@ -43,7 +50,7 @@ def run_worker(mode: str, variant: str, kind: str, args: argparse.Namespace, ser
         f"--mode={mode}",
         f"--variant={variant}",
         f"--kind={kind}",
-        f"--n={args.n if mode == 'inproc' else args.feedback_posts}",
+        f"--n={requests_for[mode]}",
         f"--seconds={args.seconds}",
         f"--connections={args.connections}",
         f"--port={free_port()}",
@@ -138,36 +145,54 @@ def report_saturation(
     return out
 
 
-def report_feedback(rows: dict[tuple[str, str, str], list[dict[str, Any]]], variants: list[str]) -> dict[str, Any]:
+def report_table(
+    rows: dict[tuple[str, str, str], list[dict[str, Any]]],
+    mode: str,
+    variants: list[str],
+    columns: list[tuple[str, str, str]],
+    title: str,
+) -> dict[str, Any]:
+    """A table of medians over rounds for one mode; `columns` are (key, header, format spec)."""
     out: dict[str, Any] = {}
-    header = (
-        f"{'variant':9} {'posts':>6} {'ok':>6} {'posts/s':>8} {'max lag ms':>11} {'p99 lag ms':>11} "
-        f"{'longest step ms':>16} {'steps >5ms':>11}"
-    )
-    print("\nA burst of feedback posts at once (in-process): event-loop stalls; medians over rounds\n")
+    header = f"{'variant':9} " + " ".join(f"{name:>{max(len(name), 8)}}" for _, name, _ in columns)
+    print(f"\n{title}\n")
     print(header)
     print("-" * len(header))
     for variant in variants:
-        got = rows[("feedback", variant, "json")]
-        keys = ("posts", "ok", "posts_per_s", "max_stall_ms", "p99_stall_ms", "longest_step_ms", "steps_over_5ms")
-        values = {key: median(got, key) for key in keys}
-        out[f"feedback/{variant}"] = {**values, "rounds": got}
-        print(
-            f"{variant:9} {values['posts'] or 0:6.0f} {values['ok'] or 0:6.0f} {values['posts_per_s'] or 0:8.0f} "
-            f"{values['max_stall_ms'] or 0:11.2f} {values['p99_stall_ms'] or 0:11.2f} "
-            f"{values['longest_step_ms'] or 0:16.2f} {values['steps_over_5ms'] or 0:11.0f}"
-        )
+        got = rows[(mode, variant, "json")]
+        values = {key: median(got, key) for key, _, _ in columns}
+        out[f"{mode}/{variant}"] = {**values, "rounds": got}
+        cells = [f"{values[key] or 0:>{max(len(name), 8)}{spec}}" for key, name, spec in columns]
+        print(f"{variant:9} " + " ".join(cells))
     return out
+
+
+FEEDBACK_COLUMNS = [
+    ("posts", "posts", ".0f"),
+    ("ok", "ok", ".0f"),
+    ("posts_per_s", "posts/s", ".0f"),
+    ("max_stall_ms", "max lag ms", ".1f"),
+    ("p99_stall_ms", "p99 lag ms", ".1f"),
+    ("longest_step_ms", "longest step ms", ".1f"),
+    ("steps_over_5ms", "steps >5ms", ".0f"),
+]
+MEMORY_COLUMNS = [("warm_mb", "warm MB", ".1f"), ("end_mb", "end MB", ".1f"), ("growth", "growth", ".1%")]
+TTFB_COLUMNS = [("ttfb_ms_median", "TTFB ms", ".2f"), ("ttfb_ms_p90", "p90 ms", ".2f")]
+# Which variants each mode runs, and on which kinds.
+MODE_VARIANTS = {"feedback": ("ours", "ours-otlp"), "memory": ("bare", "ours", "ours-otlp")}
+SINGLE_KIND_MODES = ("feedback", "memory", "ttfb")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--modes", default="inproc,saturation,feedback")
+    parser.add_argument("--modes", default="inproc,saturation,feedback,ttfb,memory")
     parser.add_argument("--n", type=int, default=1000, help="in-process requests per variant per round")
     parser.add_argument("--seconds", type=int, default=10, help="saturation run length")
     parser.add_argument("--connections", type=int, default=16, help="saturation concurrency")
     parser.add_argument("--feedback-posts", type=int, default=500)
+    parser.add_argument("--memory-requests", type=int, default=50_000)
+    parser.add_argument("--ttfb-requests", type=int, default=200)
     parser.add_argument("--kinds", default="json,sse")
     parser.add_argument("--variants", default=",".join(VARIANT_ORDER))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
@@ -176,8 +201,9 @@ def main() -> None:
     plan = [
         (mode, kind, variant)
         for mode in modes
-        for kind in (["json"] if mode == "feedback" else kinds)
-        for variant in ([v for v in variants if v.startswith("ours")] if mode == "feedback" else variants)
+        for kind in (["json"] if mode in SINGLE_KIND_MODES else kinds)
+        for variant in variants
+        if variant in MODE_VARIANTS.get(mode, variants)
     ]
 
     rows: dict[tuple[str, str, str], list[dict[str, Any]]] = {(m, v, k): [] for m, k, v in plan}
@@ -198,8 +224,19 @@ def main() -> None:
         summary["results"].update(report_inproc(rows, variants, kinds))
     if "saturation" in modes:
         summary["results"].update(report_saturation(rows, variants, kinds))
+
+    def ran(mode: str) -> list[str]:
+        return [v for v in variants if (mode, v, "json") in rows]
+
     if "feedback" in modes:
-        summary["results"].update(report_feedback(rows, [v for v in variants if v.startswith("ours")]))
+        title = "A burst of feedback posts at once (in-process): event-loop lag and the longest single step"
+        summary["results"].update(report_table(rows, "feedback", ran("feedback"), FEEDBACK_COLUMNS, title))
+    if "memory" in modes:
+        title = f"Resident memory over {args.memory_requests} requests after 5000 of warm-up (in-process)"
+        summary["results"].update(report_table(rows, "memory", ran("memory"), MEMORY_COLUMNS, title))
+    if "ttfb" in modes:
+        title = "SSE time to first byte under uvicorn, one request at a time"
+        summary["results"].update(report_table(rows, "ttfb", ran("ttfb"), TTFB_COLUMNS, title))
     Path(args.json).write_text(json.dumps(summary, indent=2))
     print(f"\nJSON: {args.json}")
 

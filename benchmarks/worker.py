@@ -271,10 +271,66 @@ def saturation(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Resident memory after warm-up and after `n` more requests (JSON and SSE alternating)."""
+    import resource
+
+    app = VARIANTS[args.variant](args.experiment_name, args.experiment_id, args.tracking_uri)
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+    async def run(count: int) -> None:
+        for i in range(count):
+            await call(app, "/chat" if i % 2 else "/chat/stream")
+
+    await run(5000)
+    flush(args.variant)
+    warm = rss_mb()
+    samples = []
+    for _ in range(10):
+        await run(args.n // 10)
+        samples.append(rss_mb())
+    flush(args.variant)
+    return {"warm_mb": warm, "end_mb": rss_mb(), "max_mb": max(samples), "growth": rss_mb() / warm - 1}
+
+
+def ttfb(args: argparse.Namespace) -> dict[str, Any]:
+    """Time to the first body byte of a streamed answer, over a real socket, one request at a time."""
+    import statistics
+    import threading
+
+    import httpx
+    import uvicorn
+
+    app = VARIANTS[args.variant](args.experiment_name, args.experiment_id, args.tracking_uri)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    times = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{args.port}") as client:
+        for i in range(args.n + 50):
+            started = time.perf_counter()
+            with client.stream("POST", "/chat/stream", content=BODY, headers={"content-type": "application/json"}) as r:
+                chunks = r.iter_raw()
+                next(chunks)
+                first = time.perf_counter() - started
+                for _ in chunks:  # drain the rest of the stream
+                    pass
+            if i >= 50:  # the first ones warm up (and resolve the experiment)
+                times.append(first * 1000)
+    server.should_exit = True
+    thread.join()
+    return {"ttfb_ms_median": statistics.median(times), "ttfb_ms_p90": sorted(times)[int(len(times) * 0.9)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", required=True, choices=sorted(VARIANTS))
-    parser.add_argument("--mode", default="inproc", choices=["inproc", "feedback", "saturation"])
+    parser.add_argument("--mode", default="inproc", choices=["inproc", "feedback", "saturation", "memory", "ttfb"])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
@@ -286,10 +342,11 @@ def main() -> None:
     parser.add_argument("--experiment-id", required=True)
     args = parser.parse_args()
     mlflow.set_tracking_uri(args.tracking_uri)
-    if args.mode == "saturation":
-        result = saturation(args)
+    if args.mode in ("saturation", "ttfb"):
+        result = saturation(args) if args.mode == "saturation" else ttfb(args)
     else:
-        result = asyncio.run(inproc(args) if args.mode == "inproc" else feedback_burst(args))
+        runner = {"inproc": inproc, "feedback": feedback_burst, "memory": memory}[args.mode]
+        result = asyncio.run(runner(args))
     print(json.dumps(result))
 
 

@@ -14,7 +14,9 @@ from collections import OrderedDict
 class RecentTraces:
     """A bounded, thread-safe map of client request ID to trace ID, oldest evicted first."""
 
-    def __init__(self, capacity: int = 50_000) -> None:
+    # Waiting only matters within MLflow's export delay (seconds); older client request IDs are found
+    # by a search instead. 10,000 entries take about 3 MB.
+    def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
         self._by_request_id: OrderedDict[str, str] = OrderedDict()
         self._trace_ids: set[str] = set()
