@@ -34,22 +34,30 @@ _RETRY_SECONDS = (1, 2, 5, 10, 30, 60)
 _TRACE_NAME_TAG = "mlflow.traceName"
 
 
-# Modules that mlflow-tracing's span code imports on every span (for model serving and agent hints) and
-# that only the full mlflow package ships: package -> the submodule imported.
-_PROBED_MODULES = {"mlflow.pyfunc": "mlflow.pyfunc.context", "mlflow.agent": "mlflow.agent.hint"}
+# Modules MLflow imports, and expects to be missing, on every span (model-serving context, agent hints)
+# and on every tracking-server call (notebook and Databricks detection): package -> submodules imported.
+_PROBED_MODULES = {
+    "mlflow.pyfunc": ("mlflow.pyfunc.context",),
+    "mlflow.agent": ("mlflow.agent.hint",),
+    "IPython": (),
+    "dbruntime": ("dbruntime.databricks_repl_context",),
+    "pyspark": ("pyspark.sql",),
+}
 
 
 def skip_absent_module_probes() -> None:
-    """Make mlflow-tracing's per-span imports of modules it does not ship fail fast.
+    """Make MLflow's repeated imports of modules that are not installed fail fast.
 
-    mlflow-tracing catches the ImportError of each such probe, but Python does not cache failed imports,
-    so every probe searches sys.path again, under the import lock: about a fifth of the request-path CPU.
-    A None entry in sys.modules is Python's own marker for "known absent" and makes the import fail at
-    once. Nothing changes where the full mlflow package is installed.
+    MLflow catches the ImportError of each such probe, but Python does not cache failed imports, so
+    every probe searches sys.path again, under the import lock: about a fifth of the request-path CPU,
+    and more on the export threads (six probes per tracking-server call). A None entry in sys.modules is
+    Python's own marker for "known absent" and makes the import fail at once. Only packages that are not
+    installed are marked; nothing changes for those that are.
     """
-    for package, submodule in _PROBED_MODULES.items():
+    for package, submodules in _PROBED_MODULES.items():
         if package not in sys.modules and importlib.util.find_spec(package) is None:
-            sys.modules[package] = sys.modules[submodule] = None  # type: ignore[assignment]
+            for name in (package, *submodules):
+                sys.modules[name] = None  # type: ignore[assignment]
 
 
 class MlflowBackend:
