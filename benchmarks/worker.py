@@ -94,6 +94,18 @@ def count_traces(experiment_id: str) -> int:
             return total
 
 
+def settled_count(experiment_id: str, before: int, interval: float, timeout: float) -> int:
+    """Traces stored since `before`, once the count stops moving: the server may still be ingesting."""
+    delivered, deadline = -1, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = count_traces(experiment_id) - before
+        if now == delivered:
+            break
+        delivered = now
+    return delivered
+
+
 async def inproc(args: argparse.Namespace) -> dict[str, Any]:
     app = VARIANTS[args.variant](args.experiment_name, args.experiment_id, args.tracking_uri)
     path = "/chat" if args.kind == "json" else "/chat/stream"
@@ -108,16 +120,7 @@ async def inproc(args: argparse.Namespace) -> dict[str, Any]:
     thread1 = time.thread_time()
     flush(args.variant)
     process1 = time.process_time()
-    delivered = None
-    if args.variant != "bare":
-        # The server may still be ingesting what the client sent; wait until the count settles.
-        delivered, deadline = -1, time.monotonic() + 120
-        while time.monotonic() < deadline:
-            time.sleep(1.0)
-            now = count_traces(args.experiment_id) - before
-            if now == delivered:
-                break
-            delivered = now
+    delivered = None if args.variant == "bare" else settled_count(args.experiment_id, before, 1.0, 120)
     return {
         "request_cpu_us": (thread1 - thread0) / args.n * 1e6,
         "total_cpu_us": (process1 - process0) / args.n * 1e6,
@@ -254,13 +257,7 @@ def saturation(args: argparse.Namespace) -> dict[str, Any]:
     delivered = None
     if args.variant != "bare":
         flush(args.variant)
-        delivered, deadline = -1, time.monotonic() + 300
-        while time.monotonic() < deadline:
-            time.sleep(2.0)
-            now = count_traces(args.experiment_id) - before
-            if now == delivered:
-                break
-            delivered = now
+        delivered = settled_count(args.experiment_id, before, 2.0, 300)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         "p50_ms": percentile("50"),
