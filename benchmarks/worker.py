@@ -223,7 +223,16 @@ def saturation(args: argparse.Namespace) -> dict[str, Any]:
     if wrk is None:
         raise SystemExit("saturation needs wrk (Debian: apt-get install wrk)")
     app = VARIANTS[args.variant](args.experiment_name, args.experiment_id, args.tracking_uri)
-    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="error", access_log=False)
+    # Requests the server finished: wrk's own count misses those still in flight when it stops.
+    finished = 0
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal finished
+        await app(scope, receive, send)
+        if scope["type"] == "http":
+            finished += 1
+
+    config = uvicorn.Config(counting, host="127.0.0.1", port=args.port, log_level="error", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -236,7 +245,9 @@ def saturation(args: argparse.Namespace) -> dict[str, Any]:
     # Warm-up (also resolves the experiment), then the measured run.
     subprocess.run([wrk, "-t1", "-c4", "-d2s", "-s", script.name, url], capture_output=True, check=True)
     flush(args.variant)
-    before = count_traces(args.experiment_id) if args.variant != "bare" else 0
+    # wrk stops mid-request; let those last warm-up traces land before counting.
+    before = settled_count(args.experiment_id, 0, 1.0, 60) if args.variant != "bare" else 0
+    finished = 0
     out = subprocess.run(
         [wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency", "-s", script.name, url],
         capture_output=True,
@@ -245,7 +256,7 @@ def saturation(args: argparse.Namespace) -> dict[str, Any]:
     ).stdout
     server.should_exit = True
     thread.join()
-    served = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    served = finished
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 
     def percentile(p: str) -> float:
