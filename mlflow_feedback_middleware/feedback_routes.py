@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
@@ -69,6 +69,8 @@ class FeedbackRoutes:
         else:
             try:
                 response = await self._post(request)
+            except ClientDisconnect:  # nobody left to answer, and nothing was written
+                return
             except _BadRequest as exc:
                 errors = [{"field": exc.field, "message": exc.message}] if exc.field else None
                 response = _error(exc.status, exc.message, errors)

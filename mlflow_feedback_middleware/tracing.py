@@ -279,13 +279,16 @@ def annotate_trace(
     With OTLP export the server never sees MLflow's in-memory trace info, so they go on the root span,
     where its ingestion reads them; the client request ID becomes a tag (its column stays empty).
     """
-    mlflow.update_current_trace(client_request_id=client_request_id, user=user_id, session_id=session_id)
-    if otlp:
-        set_trace_tags(span, {CLIENT_REQUEST_ID_TAG: client_request_id}, otlp)
-        if user_id:
-            span.set_attribute("user.id", user_id)
-        if session_id:
-            span.set_attribute("session.id", session_id)
+    try:
+        mlflow.update_current_trace(client_request_id=client_request_id, user=user_id, session_id=session_id)
+        if otlp:
+            set_trace_tags(span, {CLIENT_REQUEST_ID_TAG: client_request_id}, otlp)
+            if user_id:
+                span.set_attribute("user.id", user_id)
+            if session_id:
+                span.set_attribute("session.id", session_id)
+    except Exception:  # the IDs still go to the client; a failure here must not fail the request
+        logger.warning("could not record the request IDs on trace %s", span.trace_id, exc_info=True)
 
 
 def rename_root(span: LiveSpan, name: str, otlp: bool) -> None:

@@ -235,3 +235,33 @@ async def test_custom_feedback_path(experiment_name: str) -> None:
         response = await client.post(f"/api/v1/votes?trace_id={trace_id}", json={"is_correct": True})
     assert response.status_code == 200
     assert mlflow.get_trace(trace_id) is not None
+
+
+async def test_client_gone_before_the_body_arrives(experiment_name: str) -> None:
+    """A feedback client that disconnects mid-body gets no answer and causes no error."""
+    app = build_app(experiment_name=experiment_name)
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": b'{"is_co', "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/feedback",
+        "raw_path": b"/feedback",
+        "root_path": "",
+        "query_string": b"trace_id=tr-0123456789abcdef0123456789abcdef",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    assert sent == []
