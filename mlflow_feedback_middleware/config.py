@@ -37,6 +37,7 @@ class Settings:
     feedback_wait_seconds: float = 30.0
     rating_scale: tuple[float, float] = (1, 5)
     startup_timeout_seconds: float = 10.0
+    shutdown_timeout_seconds: float = 10.0
     mlflow_threads: int = 8
     export: str = "mlflow"
     _exclude: tuple[re.Pattern[str], ...] = field(init=False, repr=False)

@@ -54,6 +54,7 @@ class MlflowFeedbackMiddleware:
         feedback_wait_seconds: float = 30.0,
         rating_scale: tuple[float, float] = (1, 5),
         startup_timeout_seconds: float = 10.0,
+        shutdown_timeout_seconds: float = 10.0,
         mlflow_threads: int = 8,
         export: Literal["mlflow", "otlp"] = "mlflow",
     ) -> None:
@@ -76,6 +77,7 @@ class MlflowFeedbackMiddleware:
             feedback_wait_seconds=feedback_wait_seconds,
             rating_scale=rating_scale,
             startup_timeout_seconds=startup_timeout_seconds,
+            shutdown_timeout_seconds=shutdown_timeout_seconds,
             mlflow_threads=mlflow_threads,
             export=export,
         )
@@ -96,7 +98,7 @@ class MlflowFeedbackMiddleware:
         kind = scope["type"]
         if kind != "http":
             if kind == "lifespan":
-                receive = self._lifespan_receive(receive)
+                receive, send = self._lifespan_receive(receive), self._lifespan_send(send)
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -121,3 +123,13 @@ class MlflowFeedbackMiddleware:
             return message
 
         return lifespan_receive
+
+    def _lifespan_send(self, send: Send) -> Send:
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                # After the app's own shutdown, before the server exits: traces still batched in
+                # MLflow's exporter would otherwise wait for (or miss) its exit hook.
+                await self.backend.flush(self.settings.shutdown_timeout_seconds)
+            await send(message)
+
+        return lifespan_send

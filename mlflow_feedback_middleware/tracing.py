@@ -197,9 +197,30 @@ class MlflowBackend:
             logger.warning("MLflow returned a no-op span (tracing disabled or misconfigured); requests get no trace ID")
         return False
 
+    async def flush(self, timeout: float) -> bool:
+        """Export the traces MLflow still holds, waiting at most `timeout` seconds; whether it finished."""
+        if self.experiment_id is None:
+            return True
+        try:
+            await asyncio.wait_for(self.run(_flush_exports, timeout), timeout)
+        except TimeoutError:
+            logger.warning("MLflow had not exported every trace within the %.0f s shutdown deadline", timeout)
+            return False
+        except Exception:
+            logger.warning("could not flush MLflow's trace export", exc_info=True)
+            return False
+        return True
+
     def shutdown(self) -> None:
         """Stop the backend's threads once queued calls finish."""
         self._executor.shutdown(wait=False)
+
+
+def _flush_exports(timeout: float) -> None:
+    from mlflow.tracing.provider import provider
+
+    mlflow.flush_trace_async_logging()
+    provider.get().force_flush(int(timeout * 1000))
 
 
 def use_otlp_export(uri: str, experiment_id: str) -> bool:

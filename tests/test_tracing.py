@@ -336,3 +336,12 @@ def test_client_disconnect_mid_stream_is_a_recorded_outcome(experiment_name: str
     assert root.outputs["disconnected"] is True
     assert root.outputs["body"].startswith("data: chunk 0\n\ndata: chunk 1\n\n")
     assert "chunk 999" not in root.outputs["body"]
+
+
+def test_lifespan_shutdown_exports_pending_traces(experiment_name: str) -> None:
+    """Traces still batched in MLflow's exporter (5 s by default) are exported before the server exits."""
+    app = build_app(experiment_name=experiment_name)
+    with UvicornThread(app) as server, httpx.Client(base_url=server.url) as client:
+        trace_id = client.post("/chat", json={"message": "last words"}).headers[TRACE_HEADER]
+    trace = mlflow.get_trace(trace_id)  # no flush here: the shutdown did it
+    assert trace is not None and root_span(trace).inputs["body"] == {"message": "last words"}
