@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -198,6 +199,9 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     args = parser.parse_args()
     variants, kinds, modes = args.variants.split(","), args.kinds.split(","), args.modes.split(",")
+    if "saturation" in modes and shutil.which("wrk") is None:
+        print("skipping saturation: it needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
+        modes.remove("saturation")
     plan = [
         (mode, kind, variant)
         for mode in modes
