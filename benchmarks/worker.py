@@ -24,6 +24,7 @@ import mlflow
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.variants import OTEL_PROVIDERS, VARIANTS
+from mlflow_feedback_middleware.export import flush_exports
 
 BODY = json.dumps({"message": "hello there"}).encode()
 
@@ -75,10 +76,7 @@ def flush(variant: str) -> None:
         for provider in OTEL_PROVIDERS:
             provider.force_flush()
     elif variant != "bare":
-        from mlflow.tracing.provider import provider
-
-        mlflow.flush_trace_async_logging()
-        provider.get().force_flush()  # type: ignore[attr-defined]
+        flush_exports(60)
 
 
 def count_traces(experiment_id: str) -> int:

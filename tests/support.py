@@ -18,6 +18,8 @@ import pytest
 import uvicorn
 from mlflow.entities import Trace
 
+from mlflow_feedback_middleware.export import flush_exports
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -99,14 +101,6 @@ def client_for(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
 
 
-def flush_exports() -> None:
-    """Drain MLflow's own export queue and, for OTLP export, the OTel batch processor."""
-    from mlflow.tracing.provider import provider
-
-    mlflow.flush_trace_async_logging()
-    provider.get().force_flush()  # type: ignore[attr-defined]
-
-
 def get_trace(trace_id: str, timeout: float = 30.0) -> Trace:
     """The stored trace, once it has fully landed; flushes MLflow's export queue (about 1 s) if needed."""
     deadline = time.monotonic() + timeout
@@ -121,7 +115,7 @@ def get_trace(trace_id: str, timeout: float = 30.0) -> Trace:
         if time.monotonic() > deadline:
             raise AssertionError(f"trace {trace_id} did not land in {timeout}s")
         if not flushed:
-            flush_exports()
+            flush_exports(timeout)
             flushed = True
         else:
             time.sleep(0.1)
