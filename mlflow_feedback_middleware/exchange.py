@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 from mlflow.entities import LiveSpan
 from starlette.types import Message, Receive, Scope, Send
 
-from .capture import BodyCapture, is_json_type
+from .capture import BodyCapture, capture_for, media_type
 from .context import RequestIds, current_ids
 from .ids import clean_principal_id, is_valid_client_request_id, new_client_request_id
 from .sse import SseTrailer
@@ -39,9 +39,7 @@ class TracedExchange:
         "_entry_root_path",
         "_mw",
         "_request_body",
-        "_request_json",
         "_response_body",
-        "_response_json",
         "_sse",
         "client_gone",
         "ids",
@@ -58,9 +56,7 @@ class TracedExchange:
         self._app_send = send
         self._entry_root_path: str = scope.get("root_path", "")
         self._request_body: BodyCapture | None = None
-        self._request_json = False
         self._response_body: BodyCapture | None = None
-        self._response_json = False
         self._sse: SseTrailer | None = None
         self.ids: RequestIds | None = None
         self.client_gone = False
@@ -86,9 +82,8 @@ class TracedExchange:
             if request_id is not None:
                 logger.debug("replacing malformed %s header value", settings.request_id_header)
             request_id = new_client_request_id()
-        if settings.capture_request_body and (is_json_type(content_type) or content_type.startswith("text/")):
-            self._request_body = BodyCapture(settings.max_capture_bytes)
-            self._request_json = is_json_type(content_type)
+        if settings.capture_request_body:
+            self._request_body = capture_for(content_type, settings.max_capture_bytes)
 
         error: BaseException | None = None
         with mw.backend.start_root(f"{scope['method']} {scope['path']}") as span:
@@ -170,8 +165,7 @@ class TracedExchange:
             headers.append((mw.trace_id_header_key, self.ids.trace_id.encode()))
         if not has_request_id:
             headers.append((mw.request_id_header_key, self.ids.client_request_id.encode()))
-        media = content_type.split(";", 1)[0].strip().lower()
-        if media == "text/event-stream" and not fixed_or_encoded and settings.sse_final_event:
+        if media_type(content_type) == "text/event-stream" and not fixed_or_encoded and settings.sse_final_event:
             self._sse = SseTrailer(
                 settings.sse_event_name,
                 {
@@ -180,9 +174,8 @@ class TracedExchange:
                     "client_request_id": self.ids.client_request_id,
                 },
             )
-        if settings.capture_response_body and (is_json_type(media) or media.startswith("text/")):
-            self._response_body = BodyCapture(settings.max_capture_bytes)
-            self._response_json = is_json_type(media)
+        if settings.capture_response_body:
+            self._response_body = capture_for(content_type, settings.max_capture_bytes)
         return {**message, "headers": headers}
 
     def _may_answer_error(self) -> bool:
@@ -234,14 +227,14 @@ class TracedExchange:
         if query:
             inputs["query"] = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
         if self._request_body is not None and self._request_body.size:
-            inputs["body"] = self._request_body.value(self._request_json)
+            inputs["body"] = self._request_body.value()
         span.set_inputs(inputs)
         span.set_attribute("http.method", method)
         span.set_attribute("http.target", scope["path"])
 
         outputs: dict[str, Any] = {"status_code": self.status}
         if self._response_body is not None and self._response_body.size:
-            outputs["body"] = self._response_body.value(self._response_json)
+            outputs["body"] = self._response_body.value()
         if self.status is not None:
             span.set_attribute("http.status_code", self.status)
 
@@ -250,7 +243,7 @@ class TracedExchange:
             # A client that leaves mid-answer is an outcome worth counting, not a server error.
             outputs["disconnected"] = True
             outcome = _DISCONNECTED
-        elif error is not None and isinstance(error, Exception):
+        elif isinstance(error, Exception):
             span.record_exception(error)
             outcome = "error"
         elif self.status is not None and self.status >= 500:

@@ -34,6 +34,14 @@ _RETRY_SECONDS = (1, 2, 5, 10, 30, 60)
 _TRACE_NAME_TAG = "mlflow.traceName"
 
 
+def _sampling_configured() -> bool:
+    """Whether MLFLOW_TRACE_SAMPLING_RATIO makes no-op spans expected (a malformed value counts as no)."""
+    try:
+        return float(os.environ.get("MLFLOW_TRACE_SAMPLING_RATIO", "1")) < 1
+    except ValueError:
+        return False
+
+
 class MlflowBackend:
     """Resolves the experiment traces go to, once and off the event loop, and runs MLflow calls.
 
@@ -166,28 +174,21 @@ class MlflowBackend:
         """Whether MLflow gave a recording span (not a no-op one from sampling or a broken set-up)."""
         if isinstance(span, LiveSpan):
             return True
-        if not self._noop_warned and float(os.environ.get("MLFLOW_TRACE_SAMPLING_RATIO", "1")) >= 1:
+        if not self._noop_warned and not _sampling_configured():
             self._noop_warned = True
             logger.warning("MLflow returned a no-op span (tracing disabled or misconfigured); requests get no trace ID")
         return False
 
-    async def flush(self, timeout: float) -> bool:
-        """Export the traces MLflow still holds, waiting at most `timeout` seconds; whether it finished."""
+    async def flush(self, timeout: float) -> None:
+        """Export the traces MLflow still holds, waiting at most `timeout` seconds."""
         if self.experiment_id is None:
-            return True
+            return
         try:
             await asyncio.wait_for(self.run(flush_exports, timeout), timeout)
         except TimeoutError:
             logger.warning("MLflow had not exported every trace within the %.0f s shutdown deadline", timeout)
-            return False
         except Exception:
             logger.warning("could not flush MLflow's trace export", exc_info=True)
-            return False
-        return True
-
-    def shutdown(self) -> None:
-        """Stop the backend's threads once queued calls finish."""
-        self._executor.shutdown(wait=False)
 
 
 # Root-span attributes from which the tracking server's OTLP ingestion builds trace info: OTel's

@@ -43,6 +43,16 @@ def seen_ids(request: Request) -> dict[str, Any]:
     }
 
 
+def event_stream(*chunks: bytes) -> StreamingResponse:
+    """A text/event-stream response that sends exactly these chunks, one body message each."""
+
+    async def send_chunks() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    return StreamingResponse(send_chunks(), media_type="text/event-stream")
+
+
 def build_app(**middleware_kwargs: Any) -> FastAPI:
     app = FastAPI()
 
@@ -110,26 +120,17 @@ def build_app(**middleware_kwargs: Any) -> FastAPI:
 
     @app.get("/openai-stream")
     async def openai_stream() -> StreamingResponse:
-        async def chunks() -> AsyncIterator[bytes]:
-            yield b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n'
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(chunks(), media_type="text/event-stream")
+        return event_stream(b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n', b"data: [DONE]\n\n")
 
     @app.get("/unterminated-stream")
     async def unterminated_stream() -> StreamingResponse:
-        async def chunks() -> AsyncIterator[bytes]:
-            yield b"data: first\n\n"
-            yield b"data: last-without-blank-line"
-
-        return StreamingResponse(chunks(), media_type="text/event-stream")
+        return event_stream(b"data: first\n\n", b"data: last-without-blank-line")
 
     @app.get("/compressed-stream")
     async def compressed_stream() -> StreamingResponse:
-        async def chunks() -> AsyncIterator[bytes]:
-            yield gzip.compress(b"data: compressed\n\n")
-
-        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Content-Encoding": "gzip"})
+        response = event_stream(gzip.compress(b"data: compressed\n\n"))
+        response.headers["Content-Encoding"] = "gzip"
+        return response
 
     @app.get("/slow-stream")
     async def slow_stream() -> StreamingResponse:
