@@ -16,6 +16,10 @@ DEFAULT_EXCLUDE_PATHS: tuple[str, ...] = (
 )
 
 
+# Relative to the working directory, so the workers of one service share it. MLFLOW_FEEDBACK_OUTBOX overrides.
+DEFAULT_OUTBOX_PATH = ".mlflow-feedback/outbox.db"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `MlflowFeedbackMiddleware` accepts; see the README's configuration table."""
@@ -34,7 +38,10 @@ class Settings:
     capture_response_body: bool = True
     max_capture_bytes: int = 64 * 1024
     max_feedback_body_bytes: int = 64 * 1024
-    feedback_wait_seconds: float = 30.0
+    feedback_wait_seconds: float = 15.0
+    feedback_sync_seconds: float = 1.0
+    trace_wait_seconds: float = 300.0
+    outbox_path: str | None = DEFAULT_OUTBOX_PATH
     rating_scale: tuple[float, float] = (1, 5)
     startup_timeout_seconds: float = 10.0
     shutdown_timeout_seconds: float = 10.0
@@ -62,6 +69,9 @@ class Settings:
         for name in ("max_capture_bytes", "max_feedback_body_bytes", "mlflow_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        for name in ("feedback_wait_seconds", "feedback_sync_seconds", "trace_wait_seconds"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be zero or more")
         object.__setattr__(self, "exclude_paths", tuple(self.exclude_paths))
         object.__setattr__(self, "_exclude", tuple(re.compile(p) for p in self.exclude_paths))
 

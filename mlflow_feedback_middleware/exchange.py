@@ -107,6 +107,7 @@ class TracedExchange:
             finally:
                 current_ids.reset(token)
                 self._finish(span, error)
+        mw.recent.ended(self.ids.trace_id)
         if error is not None:
             raise error
 

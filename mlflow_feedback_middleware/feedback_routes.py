@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,14 +18,19 @@ from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from .config import Settings
+from .delivery import WAITING, FeedbackDelivery
 from .feedback_models import FeedbackRequest, to_assessments
-from .feedback_writer import FeedbackRejected, FeedbackWriter, StoreUnavailable, TraceNotFound
+from .feedback_writer import NOT_FOUND, REJECTED, UNAVAILABLE
 from .ids import clean_principal_id
+from .outbox import DELIVERED, Item
 from .registry import RecentTraces
 from .tracing import MlflowBackend, logger
 
 ANONYMOUS = "anonymous"
 _ID_FIELDS = ("trace_id", "client_request_id")
+_FIRST_DELAY, _MAX_DELAY = 0.05, 1.0
+_CALL_TIMEOUT = 5.0  # an MLflow call slower than this while a client waits: answer 202, let it finish alone
+_FEEDBACK_ID = re.compile(r"fb-[0-9a-f]{32}")
 
 
 class _BadRequest(Exception):
@@ -43,17 +51,28 @@ def _reject_constant(name: str) -> None:
 
 
 class FeedbackRoutes:
-    """An ASGI app answering requests under `settings.feedback_path`."""
+    """An ASGI app answering requests under `settings.feedback_path`.
+
+    ``POST {path}`` takes feedback; ``GET {path}/health`` reports the backend and the outbox;
+    ``GET {path}/<feedback_id>`` tells what became of one accepted feedback.
+    """
 
     def __init__(
-        self, settings: Settings, backend: MlflowBackend, recent: RecentTraces, user_id_header_key: bytes
+        self,
+        settings: Settings,
+        backend: MlflowBackend,
+        recent: RecentTraces,
+        delivery: FeedbackDelivery,
+        user_id_header_key: bytes,
     ) -> None:
         assert settings.feedback_path is not None
         self._path = settings.feedback_path
         self._prefix = settings.feedback_path + "/"
         self._settings = settings
+        self._backend = backend
+        self._recent = recent
+        self._delivery = delivery
         self._user_header = user_id_header_key.decode()
-        self._writer = FeedbackWriter(backend, recent, settings.feedback_wait_seconds, settings.startup_timeout_seconds)
 
     def handles(self, path: str) -> bool:
         """Whether `path` belongs to the feedback routes."""
@@ -61,12 +80,8 @@ class FeedbackRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        if scope["path"] != self._path:
-            response = _error(404, f"no feedback route at {scope['path']}")
-        elif request.method != "POST":
-            response = _error(405, "use POST to send feedback")
-            response.headers["Allow"] = "POST"
-        else:
+        path: str = scope["path"]
+        if path == self._path and request.method == "POST":
             try:
                 response = await self._post(request)
             except ClientDisconnect:  # nobody left to answer, and nothing was written
@@ -74,7 +89,28 @@ class FeedbackRoutes:
             except _BadRequest as exc:
                 errors = [{"field": exc.field, "message": exc.message}] if exc.field else None
                 response = _error(exc.status, exc.message, errors)
+        elif path == self._path:
+            response = _error(405, "use POST to send feedback")
+            response.headers["Allow"] = "POST"
+        elif path == self._prefix + "health" and request.method == "GET":
+            response = await self._health()
+        elif _FEEDBACK_ID.fullmatch(path[len(self._prefix) :]) and request.method == "GET":
+            item = await self._backend.run(self._delivery.outbox.get, path[len(self._prefix) :])
+            response = JSONResponse(item.to_public()) if item else _error(404, "no such feedback")
+        else:
+            response = _error(404, f"no feedback route at {path}")
         await response(scope, receive, send)
+
+    async def _health(self) -> JSONResponse:
+        """Backend reachability and outbox figures; 503 while feedback cannot reach MLflow."""
+        status = await self._backend.run(self._delivery.status)
+        oldest = status["outbox"]["oldest_pending_seconds"]
+        healthy = (
+            status["experiment_id"] is not None
+            and status["reachable"]
+            and (oldest is None or oldest < self._settings.trace_wait_seconds)
+        )
+        return JSONResponse({"status": "ok" if healthy else "degraded", **status}, status_code=200 if healthy else 503)
 
     async def _post(self, request: Request) -> JSONResponse:
         data = await self._read_json(request)
@@ -110,28 +146,86 @@ class FeedbackRoutes:
             raise _BadRequest(422, "trace_id or client_request_id is required", "trace_id")
 
         assessments = to_assessments(feedback, self._settings.rating_scale[1])
+        if self._backend.disabled_reason is not None:
+            return _error(503, "MLflow tracing is disabled in this service, so no feedback can be stored")
+        trace_id = feedback.trace_id
+        if trace_id is None:
+            assert feedback.client_request_id is not None
+            trace_id = self._recent.trace_for(feedback.client_request_id)
+        issued_here = trace_id is not None and trace_id in self._recent
+        item = Item(
+            self._delivery.destination, trace_id, feedback.client_request_id, source_id, assessments, issued_here
+        )
+        # A trace this process issued is worth queueing for; any other ID is waited for here, until MLflow
+        # has it or has said "not found" for `feedback_wait_seconds`, so a made-up ID gets its 404.
+        budget = self._settings.feedback_sync_seconds if issued_here else None
         try:
-            if feedback.trace_id is not None:
-                trace_id = feedback.trace_id
-            else:
-                assert feedback.client_request_id is not None
-                trace_id = await self._writer.trace_id_for(feedback.client_request_id)
-            assessment_ids = await self._writer.write(trace_id, assessments, source_id)
-        except TraceNotFound as exc:
-            return _error(404, str(exc))
-        except FeedbackRejected as exc:
-            return _error(422, f"MLflow rejected the feedback: {exc}")
-        except StoreUnavailable as exc:
-            logger.warning("could not store feedback: %s", exc)
+            lease = budget if budget is not None else self._settings.feedback_wait_seconds + _CALL_TIMEOUT
+            await self._backend.run(self._delivery.accept, item, lease)
+        except Exception:
+            logger.error("could not store feedback in the outbox at %s", self._delivery.outbox.path, exc_info=True)
             return _error(503, "the feedback store is unavailable; try again later")
+        self._delivery.start()
+        await self._backend.ready(self._settings.startup_timeout_seconds)  # a search needs the experiment
+        outcome = await self._deliver_inline(item, budget)
+        recorded = {a.name: a.value for a in assessments}
+        if outcome == DELIVERED:
+            return JSONResponse(
+                {
+                    "status": "success",
+                    "feedback_id": item.id,
+                    "trace_id": item.trace_id,
+                    "feedback_recorded": recorded,
+                    "assessment_ids": item.assessment_ids,
+                }
+            )
+        if outcome in (NOT_FOUND, REJECTED) and not item.assessment_ids:
+            await self._backend.run(self._delivery.outbox.remove, item.id)  # refused, so never accepted
+            if outcome == NOT_FOUND:
+                what = f"trace {item.trace_id!r}" if item.trace_id else f"client_request_id {item.client_request_id!r}"
+                return _error(404, f"{what} not found")
+            return _error(422, f"MLflow rejected the feedback: {item.last_error}")
+        status_url = f"{self._path}/{item.id}"
         return JSONResponse(
             {
-                "status": "success",
-                "trace_id": trace_id,
-                "feedback_recorded": {a.name: a.value for a in assessments},
-                "assessment_ids": assessment_ids,
-            }
+                "status": "accepted",
+                "feedback_id": item.id,
+                "trace_id": item.trace_id,
+                "client_request_id": item.client_request_id,
+                "feedback_recorded": recorded,
+                "status_url": status_url,
+            },
+            status_code=202,
+            headers={"Location": status_url},
         )
+
+    async def _deliver_inline(self, item: Item, budget: float | None) -> str:
+        """Try to deliver `item` while its request waits, up to `budget` seconds (None: until MLflow
+        answers something other than "not found yet"); the last outcome.
+
+        Whatever is still pending afterwards belongs to the background thread. A call that outlives the
+        budget (a server that went away mid-call) is left to finish there, and settles the item itself.
+        """
+        deadline = time.monotonic() + budget if budget is not None else float("inf")
+        delay = _FIRST_DELAY
+        self._delivery.hold(item.id)  # the background thread keeps off it meanwhile
+        while True:
+            future = self._backend.submit(self._delivery.attempt, item, True)
+            try:
+                outcome = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), _CALL_TIMEOUT)
+            except TimeoutError:
+                self._delivery.suspect()
+                future.add_done_callback(lambda done: self._delivery.settle(item, done.result(), release=True))
+                return UNAVAILABLE
+            if outcome == WAITING and time.monotonic() + delay < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_DELAY)
+                continue
+            if outcome not in (NOT_FOUND, REJECTED) or item.assessment_ids:
+                await self._backend.run(self._delivery.settle, item, outcome, True)
+            else:
+                self._delivery.release(item.id)
+            return outcome
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
         limit = self._settings.max_feedback_body_bytes

@@ -1,111 +1,82 @@
-"""Writes feedback to MLflow as HUMAN-sourced assessments, waiting for traces still on their way.
+"""The MLflow calls behind feedback delivery: blocking, run on the backend's threads, never the event loop.
 
-MLflow exports a trace after its root span ends, in batches (about 5 s by default), and answers "not
-found" until then. Feedback for a trace this process issued is therefore retried with backoff, off the
-event loop, for up to `wait_seconds`; feedback for an ID this process never issued gets one try.
+Each assessment carries its outbox item's ID and its index in the item in metadata (`FEEDBACK_ID_KEY`,
+``fb-<hex>/<index>``), which is what makes a
+replay idempotent: before writing again after an attempt of unknown outcome, the trace's assessments
+are read and those already written under that ID are kept instead of written twice.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.entities import AssessmentSource
 from mlflow.exceptions import MlflowException
+from mlflow.tracing.client import TracingClient
 
 from .feedback_models import Assessment
-from .registry import RecentTraces
-from .tracing import CLIENT_REQUEST_ID_TAG, MlflowBackend
+from .tracing import CLIENT_REQUEST_ID_TAG
 
-_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
-_INVALID = "INVALID_PARAMETER_VALUE"
-_FIRST_DELAY, _MAX_DELAY = 0.05, 1.0
+FEEDBACK_ID_KEY = "mlflow_feedback.feedback_id"
+NOT_FOUND, REJECTED, UNAVAILABLE = "not_found", "rejected", "unavailable"
 
 
-class TraceNotFound(Exception):
-    """No trace with that ID (or client request ID) exists in the tracking store."""
+def classify(exc: BaseException) -> str:
+    """What a failed MLflow call means for the feedback: wait for the trace, give up, or retry later."""
+    if isinstance(exc, MlflowException):
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return NOT_FOUND
+        if exc.error_code == "INVALID_PARAMETER_VALUE":
+            return REJECTED
+    return UNAVAILABLE
 
 
-class FeedbackRejected(Exception):
-    """The tracking store refused the feedback as invalid."""
+def probe(tracking_uri: str, timeout: float) -> str | None:
+    """None if the tracking server answers HTTP at all, else why not.
+
+    MLflow's own client retries a refused connection for about four minutes; probing first keeps a
+    delivery pass during an outage to `timeout` seconds. Non-HTTP URIs (Databricks) are not probed.
+    """
+    if urlparse(tracking_uri).scheme not in ("http", "https"):
+        return None
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:  # it answered, if only to refuse us: reachable
+        return None
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
-class StoreUnavailable(Exception):
-    """The tracking store could not be reached or failed."""
-
-
-def _is(exc: BaseException, code: str) -> bool:
-    return isinstance(exc, MlflowException) and exc.error_code == code
-
-
-class FeedbackWriter:
-    """Resolves the trace a feedback request names and writes its assessments."""
-
-    def __init__(
-        self, backend: MlflowBackend, recent: RecentTraces, wait_seconds: float, startup_timeout: float
-    ) -> None:
-        self._backend = backend
-        self._recent = recent
-        self._wait_seconds = wait_seconds
-        self._startup_timeout = startup_timeout
-
-    async def trace_id_for(self, client_request_id: str) -> str:
-        """The trace of a client request ID: from this process's memory, else by a search."""
-        trace_id = self._recent.trace_for(client_request_id)
-        if trace_id is not None:
-            return trace_id
-        experiment_id = await self._backend.ready(self._startup_timeout)
-        if experiment_id is None:
-            raise StoreUnavailable("the MLflow experiment is not resolved yet")
-        try:
-            traces = await self._backend.run(
-                _search_by_request_id, experiment_id, client_request_id, self._backend.otlp
-            )
-        except Exception as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        if not traces:
-            raise TraceNotFound(f"no trace has client_request_id {client_request_id!r}")
-        return traces[0]
-
-    async def write(self, trace_id: str, assessments: list[Assessment], source_id: str) -> list[str | None]:
-        """Write `assessments` to `trace_id`; the assessment IDs MLflow gave them, in order."""
-        deadline = time.monotonic() + (self._wait_seconds if trace_id in self._recent else 0.0)
-        ids: list[str | None] = []
-        for assessment in assessments:
-            ids.append(await self._write_one(trace_id, assessment, source_id, deadline))
-        return ids
-
-    async def _write_one(self, trace_id: str, assessment: Assessment, source_id: str, deadline: float) -> str | None:
-        delay = _FIRST_DELAY
-        while True:
-            try:
-                return await self._backend.run(_log_feedback, trace_id, assessment, source_id)
-            except Exception as exc:
-                if _is(exc, _NOT_FOUND):
-                    if time.monotonic() + delay > deadline:
-                        raise TraceNotFound(f"trace {trace_id!r} not found") from exc
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _MAX_DELAY)
-                    continue
-                if _is(exc, _INVALID):
-                    raise FeedbackRejected(str(exc)) from exc
-                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _log_feedback(trace_id: str, assessment: Assessment, source_id: str) -> str | None:
+def log_feedback(trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int) -> str | None:
+    """Write assessment number `index` of outbox item `feedback_id`; the ID MLflow gave it."""
     feedback = mlflow.log_feedback(
         trace_id=trace_id,
         name=assessment.name,
         value=assessment.value,
         rationale=assessment.rationale,
-        metadata=assessment.metadata,
+        metadata={**(assessment.metadata or {}), FEEDBACK_ID_KEY: f"{feedback_id}/{index}"},
         source=AssessmentSource(source_type="HUMAN", source_id=source_id),
     )
     return feedback.assessment_id
 
 
-def _search_by_request_id(experiment_id: str, client_request_id: str, by_tag: bool) -> list[str]:
+def written_under(trace_id: str, feedback_id: str) -> dict[int, str | None]:
+    """The assessments already on `trace_id` from outbox item `feedback_id`, by their index in it."""
+    info = TracingClient().get_trace_info(trace_id)
+    done: dict[int, str | None] = {}
+    for assessment in info.assessments or ():
+        item, _, index = (assessment.metadata or {}).get(FEEDBACK_ID_KEY, "").partition("/")
+        if item == feedback_id and index.isdigit():
+            done[int(index)] = assessment.assessment_id
+    return done
+
+
+def search_trace_id(experiment_id: str, client_request_id: str, by_tag: bool) -> str | None:
+    """The trace with that client request ID in the experiment, if the store has it."""
     # The ID's charset (checked before we get here) has no quotes, so it is safe inside the filter.
     # OTLP ingestion leaves MLflow's client_request_id column empty; the middleware tags it instead.
     column = f"tags.`{CLIENT_REQUEST_ID_TAG}`" if by_tag else "trace.client_request_id"
@@ -116,4 +87,4 @@ def _search_by_request_id(experiment_id: str, client_request_id: str, by_tag: bo
         return_type="list",
         include_spans=False,
     )
-    return [trace.info.trace_id for trace in traces]
+    return traces[0].info.trace_id if traces else None

@@ -15,16 +15,25 @@ those traces is accepted at ``POST /feedback``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import time
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
+import mlflow
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import DEFAULT_EXCLUDE_PATHS, Settings
+from .config import DEFAULT_EXCLUDE_PATHS, DEFAULT_OUTBOX_PATH, Settings
+from .delivery import FeedbackDelivery
 from .exchange import TracedExchange
 from .feedback_routes import FeedbackRoutes
+from .outbox import Outbox
 from .registry import RecentTraces
 from .tracing import MlflowBackend
+
+logger = logging.getLogger("mlflow_feedback_middleware")
 
 
 class MlflowFeedbackMiddleware:
@@ -51,7 +60,10 @@ class MlflowFeedbackMiddleware:
         capture_response_body: bool = True,
         max_capture_bytes: int = 64 * 1024,
         max_feedback_body_bytes: int = 64 * 1024,
-        feedback_wait_seconds: float = 30.0,
+        feedback_wait_seconds: float = 15.0,
+        feedback_sync_seconds: float = 1.0,
+        trace_wait_seconds: float = 300.0,
+        outbox_path: str | os.PathLike[str] | None = DEFAULT_OUTBOX_PATH,
         rating_scale: tuple[float, float] = (1, 5),
         startup_timeout_seconds: float = 10.0,
         shutdown_timeout_seconds: float = 10.0,
@@ -75,6 +87,9 @@ class MlflowFeedbackMiddleware:
             max_capture_bytes=max_capture_bytes,
             max_feedback_body_bytes=max_feedback_body_bytes,
             feedback_wait_seconds=feedback_wait_seconds,
+            feedback_sync_seconds=feedback_sync_seconds,
+            trace_wait_seconds=trace_wait_seconds,
+            outbox_path=_outbox_path(outbox_path),
             rating_scale=rating_scale,
             startup_timeout_seconds=startup_timeout_seconds,
             shutdown_timeout_seconds=shutdown_timeout_seconds,
@@ -88,11 +103,23 @@ class MlflowFeedbackMiddleware:
         self.session_id_header_key = settings.session_id_header.lower().encode()
         self.backend = MlflowBackend(tracking_uri, experiment_name, settings.mlflow_threads, export)
         self.recent = RecentTraces()
+        self.delivery = FeedbackDelivery(
+            _open_outbox(settings.outbox_path),
+            self.backend,
+            self.recent,
+            _destination(experiment_name),
+            unknown_wait=settings.feedback_wait_seconds,
+            known_wait=settings.trace_wait_seconds,
+        )
         self.feedback = (
-            FeedbackRoutes(settings, self.backend, self.recent, self.user_id_header_key)
+            FeedbackRoutes(settings, self.backend, self.recent, self.delivery, self.user_id_header_key)
             if settings.feedback_path is not None
             else None
         )
+
+    def status(self) -> dict[str, Any]:
+        """Backend reachability and outbox figures (what ``GET {feedback_path}/health`` shows). Blocking."""
+        return self.delivery.status()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -101,6 +128,7 @@ class MlflowFeedbackMiddleware:
                 receive, send = self._lifespan_receive(receive), self._lifespan_send(send)
             await self.app(scope, receive, send)
             return
+        self.delivery.start()  # replays what an earlier process left, where no lifespan ran
         path: str = scope["path"]
         if self.feedback is not None and self.feedback.handles(path):
             await self.feedback(scope, receive, send)
@@ -120,6 +148,7 @@ class MlflowFeedbackMiddleware:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.backend.ready(self.settings.startup_timeout_seconds)
+                self.delivery.start()
             return message
 
         return lifespan_receive
@@ -128,8 +157,36 @@ class MlflowFeedbackMiddleware:
         async def lifespan_send(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete":
                 # After the app's own shutdown, before the server exits: traces still batched in
-                # MLflow's exporter would otherwise wait for (or miss) its exit hook.
+                # MLflow's exporter would otherwise wait for (or miss) its exit hook. Feedback goes
+                # last, as it may be waiting for those very traces.
+                deadline = time.monotonic() + self.settings.shutdown_timeout_seconds
                 await self.backend.flush(self.settings.shutdown_timeout_seconds)
+                await asyncio.to_thread(self.delivery.flush, max(deadline - time.monotonic(), 1.0))
             await send(message)
 
         return lifespan_send
+
+
+def _outbox_path(path: str | os.PathLike[str] | None) -> str | None:
+    if path == DEFAULT_OUTBOX_PATH:
+        return os.environ.get("MLFLOW_FEEDBACK_OUTBOX") or DEFAULT_OUTBOX_PATH
+    return None if path is None else os.fspath(path)
+
+
+def _open_outbox(path: str | None) -> Outbox:
+    try:
+        return Outbox(path)
+    except Exception as exc:  # a read-only or full disk must not keep the service from starting
+        logger.error("cannot open the feedback outbox at %s (%s); queued feedback is kept in memory only", path, exc)
+        return Outbox(None)
+
+
+def _destination(experiment_name: str | None) -> str:
+    """What an outbox row is for: items of another service sharing the file are never delivered here."""
+    try:
+        uri = mlflow.get_tracking_uri()
+    except Exception:  # no tracking URI: tracing is disabled, feedback is refused anyway
+        uri = ""
+    env = os.environ
+    experiment = experiment_name or env.get("MLFLOW_EXPERIMENT_NAME") or env.get("MLFLOW_EXPERIMENT_ID", "0")
+    return f"{uri}#{experiment}"

@@ -20,11 +20,15 @@ class RecentTraces:
         self._capacity = capacity
         self._by_request_id: OrderedDict[str, str] = OrderedDict()
         self._trace_ids: set[str] = set()
+        self._open: set[str] = set()  # root spans not ended yet (streams still running)
+        self.issued = 0  # trace IDs handed out since start-up
         self._lock = threading.Lock()
 
     def add(self, trace_id: str, client_request_id: str) -> None:
-        """Remember that this process issued `trace_id` for `client_request_id`."""
+        """Remember that this process issued `trace_id` for `client_request_id`; it is open until `ended`."""
         with self._lock:
+            self.issued += 1
+            self._open.add(trace_id)
             old = self._by_request_id.pop(client_request_id, None)
             if old is not None:
                 self._trace_ids.discard(old)
@@ -33,6 +37,16 @@ class RecentTraces:
             while len(self._by_request_id) > self._capacity:
                 _, evicted = self._by_request_id.popitem(last=False)
                 self._trace_ids.discard(evicted)
+
+    def ended(self, trace_id: str) -> None:
+        """The root span of `trace_id` has ended: MLflow may export it from now on."""
+        with self._lock:
+            self._open.discard(trace_id)
+
+    def is_open(self, trace_id: str) -> bool:
+        """Whether `trace_id` is a request of this process still being answered."""
+        with self._lock:
+            return trace_id in self._open
 
     def trace_for(self, client_request_id: str) -> str | None:
         """The trace issued for `client_request_id`, if this process issued it recently."""

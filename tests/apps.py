@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -91,8 +92,13 @@ def build_app(**middleware_kwargs: Any) -> FastAPI:
         raise HTTPException(404, "no such thing")
 
     @app.post("/chat/stream")
-    async def chat_stream(body: ChatRequest) -> StreamingResponse:
+    async def chat_stream(body: ChatRequest, request: Request) -> StreamingResponse:
+        # A test may act while the answer streams (root span still open), e.g. send feedback on it.
+        on_stream_start = getattr(request.app.state, "on_stream_start", None)
+
         async def tokens() -> AsyncIterator[str]:
+            if on_stream_start is not None:
+                await on_stream_start(get_trace_id())
             with mlflow.start_span("generate") as span:
                 span.set_inputs({"message": body.message})
                 for word in fake_llm(body.message).split():
@@ -132,12 +138,17 @@ def build_app(**middleware_kwargs: Any) -> FastAPI:
         response.headers["Content-Encoding"] = "gzip"
         return response
 
+    app.state.closed_streams = 0
+
     @app.get("/slow-stream")
     async def slow_stream() -> StreamingResponse:
         async def chunks() -> AsyncIterator[bytes]:
-            for i in range(1000):
-                yield f"data: chunk {i}\n\n".encode()
-                await asyncio.sleep(0.02)
+            try:
+                for i in range(1000):
+                    yield f"data: chunk {i}\n\n".encode()
+                    await asyncio.sleep(0.02)
+            finally:
+                app.state.closed_streams += 1  # closed, also when the client went away
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
@@ -150,3 +161,8 @@ def build_app(**middleware_kwargs: Any) -> FastAPI:
 
     app.add_middleware(MlflowFeedbackMiddleware, **middleware_kwargs)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """`uvicorn --factory tests.apps:app_from_env`: the test app, middleware arguments from TEST_MIDDLEWARE_KWARGS."""
+    return build_app(**json.loads(os.environ.get("TEST_MIDDLEWARE_KWARGS", "{}")))

@@ -24,6 +24,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def outbox_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Every middleware of the session shares one outbox file, as a service's workers would."""
+    path = str(tmp_path_factory.mktemp("outbox") / "outbox.db")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_FEEDBACK_OUTBOX", path)
+        yield path
+
+
 @pytest.fixture
 def experiment_name(mlflow_server: MlflowServer) -> str:
     """A fresh experiment name per test, so tests never read each other's traces."""

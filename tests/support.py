@@ -3,10 +3,12 @@ httpx or a real uvicorn server, and readers of what landed in MLflow."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -147,3 +149,64 @@ class UvicornThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class AppProcess:
+    """The test app under a real uvicorn in its own process, which tests may kill like a crash would."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], kwargs: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))}
+        self.env = base | env | {"TEST_MIDDLEWARE_KWARGS": json.dumps(kwargs)}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> AppProcess:
+        log = open(self.workdir / f"app-{self.port}.log", "ab")
+        command = [sys.executable, "-m", "uvicorn", "--factory", "tests.apps:app_from_env", "--host", "127.0.0.1"]
+        self.process = subprocess.Popen(
+            [*command, "--port", str(self.port), "--log-level", "warning"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the app exited; see {self.workdir}")
+            try:
+                httpx.get(f"{self.url}/healthz", timeout=1)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("the app did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush, as in a crash."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> Any:
+    """Poll `condition()` until it returns something truthy; that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout} s")
+        time.sleep(0.25)

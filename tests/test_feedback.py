@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -17,10 +18,16 @@ pytestmark = pytest.mark.anyio
 TRACE_HEADER = "x-mlflow-trace-id"
 
 
-def feedback_on(trace_id: str) -> dict[str, Any]:
-    """The stored trace's assessments by name."""
-    trace = get_trace(trace_id)
-    return {a.name: a for a in trace.info.assessments}
+def feedback_on(trace_id: str, *names: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The stored trace's assessments by name, once those `names` have landed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {a.name: a for a in get_trace(trace_id).info.assessments}
+        if set(names) <= set(found):
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"assessments {names} did not land on {trace_id}; found {sorted(found)}")
+        time.sleep(0.2)
 
 
 async def answered(client: httpx.AsyncClient, **headers: str) -> httpx.Response:
@@ -37,11 +44,12 @@ async def test_seed_trace_id_shape_right_after_the_answer(experiment_name: str) 
         response = await client.post(
             f"/feedback?trace_id={trace_id}&user_id=alice", json={"is_correct": True, "comment": "spot on"}
         )
-    assert response.status_code == 200, response.text
+    # Written at once (200) or queued until MLflow has exported the trace (202); stored either way.
+    assert response.status_code in (200, 202), response.text
     body = response.json()
-    assert body["status"] == "success" and body["trace_id"] == trace_id
+    assert body["status"] in ("success", "accepted") and body["trace_id"] == trace_id
     assert TRACE_HEADER not in response.headers  # the feedback route is never traced
-    stored = feedback_on(trace_id)["user_feedback"]
+    stored = feedback_on(trace_id, "user_feedback")["user_feedback"]
     assert stored.value is True
     assert stored.rationale == "spot on"
     assert stored.source.source_type == "HUMAN"
@@ -57,9 +65,9 @@ async def test_seed_client_request_id_shape_with_user_header(experiment_name: st
             json={"is_correct": False, "comment": None},
             headers={"X-User-ID": "bob"},
         )
-    assert response.status_code == 200, response.text
+    assert response.status_code in (200, 202), response.text
     assert response.json()["trace_id"] == answer.headers[TRACE_HEADER]
-    stored = feedback_on(answer.headers[TRACE_HEADER])["user_feedback"]
+    stored = feedback_on(answer.headers[TRACE_HEADER], "user_feedback")["user_feedback"]
     assert stored.value is False and stored.source.source_id == "bob" and stored.rationale is None
 
 
@@ -75,7 +83,7 @@ async def test_client_request_id_found_by_search_from_another_process(experiment
 
 
 async def test_user_in_query_and_body_may_agree(experiment_name: str) -> None:
-    app = build_app(experiment_name=experiment_name)
+    app = build_app(experiment_name=experiment_name, feedback_sync_seconds=30)
     async with client_for(app) as client:
         trace_id = (await answered(client)).headers[TRACE_HEADER]
         agree = await client.post(
@@ -90,7 +98,7 @@ async def test_user_in_query_and_body_may_agree(experiment_name: str) -> None:
 
 
 async def test_anonymous_when_no_user_is_given(experiment_name: str) -> None:
-    app = build_app(experiment_name=experiment_name)
+    app = build_app(experiment_name=experiment_name, feedback_sync_seconds=30)
     async with client_for(app) as client:
         trace_id = (await answered(client)).headers[TRACE_HEADER]
         response = await client.post("/feedback", json={"trace_id": trace_id, "is_correct": True})
@@ -103,7 +111,7 @@ async def test_anonymous_when_no_user_is_given(experiment_name: str) -> None:
     [True, 3, 0.25, "too formal", ["wrong", "slow"], {"category": "tone", "severity": 2}],
 )
 async def test_general_shape_keeps_the_value_type(experiment_name: str, value: Any) -> None:
-    app = build_app(experiment_name=experiment_name)
+    app = build_app(experiment_name=experiment_name, feedback_sync_seconds=30)
     async with client_for(app) as client:
         trace_id = (await answered(client)).headers[TRACE_HEADER]
         response = await client.post(
@@ -124,12 +132,13 @@ async def test_general_shape_keeps_the_value_type(experiment_name: str, value: A
         expected = {k: float(v) if type(v) is int else v for k, v in value.items()}
     assert stored.value == expected
     assert stored.rationale == "why"
-    assert stored.metadata == {"page": "chat", "n": "1"}
+    feedback_id = response.json()["feedback_id"]
+    assert stored.metadata == {"page": "chat", "n": "1", "mlflow_feedback.feedback_id": f"{feedback_id}/0"}
     assert stored.source.source_id == "carol"
 
 
 async def test_ratings_are_normalised_with_raw_value_kept(experiment_name: str) -> None:
-    app = build_app(experiment_name=experiment_name)
+    app = build_app(experiment_name=experiment_name, feedback_sync_seconds=30)
     async with client_for(app) as client:
         trace_id = (await answered(client)).headers[TRACE_HEADER]
         response = await client.post(
@@ -148,10 +157,12 @@ async def test_ratings_are_normalised_with_raw_value_kept(experiment_name: str) 
     assert stored["user_accuracy"].rationale == "good"
     assert stored["user_helpfulness"].rationale is None
     assert stored["user_relevance"].value == pytest.approx(0.5)
+    feedback_id = response.json()["feedback_id"]
+    assert stored["user_relevance"].metadata["mlflow_feedback.feedback_id"] == f"{feedback_id}/2"
 
 
 async def test_seed_and_ratings_in_one_request(experiment_name: str) -> None:
-    app = build_app(experiment_name=experiment_name)
+    app = build_app(experiment_name=experiment_name, feedback_sync_seconds=30)
     async with client_for(app) as client:
         trace_id = (await answered(client)).headers[TRACE_HEADER]
         response = await client.post(
@@ -163,15 +174,15 @@ async def test_seed_and_ratings_in_one_request(experiment_name: str) -> None:
 
 async def test_feedback_from_the_final_sse_event(experiment_name: str) -> None:
     """The seed's streaming hook: read the trace ID from the stream's last event, then send feedback."""
-    app = build_app(experiment_name=experiment_name)
+    app = build_app(experiment_name=experiment_name, feedback_sync_seconds=30)
     async with client_for(app) as client:
         stream = await client.post("/chat/stream", json={"message": "a b"})
         last = [block for block in stream.text.split("\n\n") if block][-1]
         event = json.loads(last.split("data: ", 1)[1])
         assert event["type"] == "done"
         response = await client.post(f"/feedback?trace_id={event['trace_id']}", json={"is_correct": True})
-    assert response.status_code == 200, response.text
-    assert feedback_on(stream.headers[TRACE_HEADER])["user_feedback"].value is True
+    assert response.status_code in (200, 202), response.text
+    assert feedback_on(stream.headers[TRACE_HEADER], "user_feedback")["user_feedback"].value is True
 
 
 BAD_REQUESTS: list[tuple[str, str, bytes | None, int, str]] = [
@@ -200,7 +211,7 @@ BAD_REQUESTS: list[tuple[str, str, bytes | None, int, str]] = [
 async def test_bad_input_gets_a_clear_4xx(
     experiment_name: str, case: str, query: str, body: bytes | None, status: int, text: str
 ) -> None:
-    app = build_app(experiment_name=experiment_name)
+    app = build_app(experiment_name=experiment_name, feedback_wait_seconds=1)
     async with client_for(app) as client:
         trace_id = (await answered(client)).headers[TRACE_HEADER]
         query = query.replace("tr-{t}", trace_id)
@@ -218,6 +229,8 @@ async def test_other_methods_and_subpaths(experiment_name: str) -> None:
         get = await client.get("/feedback")
         assert get.status_code == 405 and get.headers["allow"] == "POST"
         assert (await client.post("/feedback/nowhere", json={})).status_code == 404
+        assert (await client.get("/feedback/fb-" + "0" * 32)).status_code == 404  # no such feedback
+        assert (await client.post("/feedback/health")).status_code == 404
 
 
 async def test_no_routes_when_feedback_path_is_none(experiment_name: str) -> None:
@@ -229,7 +242,7 @@ async def test_no_routes_when_feedback_path_is_none(experiment_name: str) -> Non
 
 
 async def test_custom_feedback_path(experiment_name: str) -> None:
-    app = build_app(experiment_name=experiment_name, feedback_path="/api/v1/votes")
+    app = build_app(experiment_name=experiment_name, feedback_path="/api/v1/votes", feedback_sync_seconds=30)
     async with client_for(app) as client:
         trace_id = (await answered(client)).headers[TRACE_HEADER]
         response = await client.post(f"/api/v1/votes?trace_id={trace_id}", json={"is_correct": True})
@@ -265,3 +278,39 @@ async def test_client_gone_before_the_body_arrives(experiment_name: str) -> None
     }
     await app(scope, receive, send)  # type: ignore[arg-type]
     assert sent == []
+
+
+async def test_queued_feedback_is_accepted_with_an_id_and_delivered(experiment_name: str) -> None:
+    """Feedback sent while the answer is still streaming cannot be written yet: 202, then delivered."""
+    app = build_app(experiment_name=experiment_name, feedback_sync_seconds=0.2)
+    async with client_for(app) as client:
+        trace_ids: list[str] = []
+        responses: list[httpx.Response] = []
+
+        async def vote_mid_stream(trace_id: str) -> None:
+            trace_ids.append(trace_id)
+            responses.append(await client.post(f"/feedback?trace_id={trace_id}", json={"is_correct": True}))
+
+        app.state.on_stream_start = vote_mid_stream
+        stream = await client.post("/chat/stream", json={"message": "a b"})
+        assert stream.status_code == 200
+        [response] = responses
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert body["status"] == "accepted" and body["trace_id"] == trace_ids[0]
+        assert body["feedback_id"].startswith("fb-") and response.headers["location"] == body["status_url"]
+        stored = feedback_on(trace_ids[0], "user_feedback")["user_feedback"]
+        assert stored.metadata["mlflow_feedback.feedback_id"] == body["feedback_id"] + "/0"
+        status = (await client.get(body["status_url"])).json()
+    assert status["state"] == "delivered" and status["assessment_ids"] == [stored.assessment_id]
+
+
+async def test_health_reports_backend_and_outbox(experiment_name: str) -> None:
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        await answered(client)
+        response = await client.get("/feedback/health")
+    assert response.status_code == 200, response.text
+    health = response.json()
+    assert health["status"] == "ok" and health["reachable"] is True and health["traces_issued"] == 1
+    assert health["outbox"]["pending"] == 0 and health["outbox"]["oldest_pending_seconds"] is None

@@ -19,7 +19,7 @@ from tests.apps import build_app
 from tests.support import get_trace, root_span
 
 async def main():
-    app = build_app(tracking_uri=sys.argv[1], experiment_name="otlp-export", export="otlp")
+    app = build_app(tracking_uri=sys.argv[1], experiment_name="otlp-export", export="otlp", feedback_sync_seconds=30)
     out = {}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         r = await client.post("/chat?x=1", json={"message": "hi"},
@@ -31,7 +31,7 @@ async def main():
         tagged = await client.post("/chat-tagged", json={"message": "hi"})
     trace = get_trace(r.headers["x-mlflow-trace-id"])
     # A fresh middleware (another worker) finds the client request ID by its tag.
-    other = build_app(tracking_uri=sys.argv[1], experiment_name="otlp-export", export="otlp")
+    other = build_app(tracking_uri=sys.argv[1], experiment_name="otlp-export", export="otlp", feedback_sync_seconds=30)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://t") as client:
         fb = await client.post("/feedback?client_request_id=otlp-req-1", json={"ratings": {"accuracy": 5}})
         out["other_feedback"] = [fb.status_code, fb.json()]
@@ -58,6 +58,7 @@ asyncio.run(main())
 
 def test_otlp_export_keeps_what_feedback_and_reports_need(mlflow_server: MlflowServer) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))}
+    env["MLFLOW_FEEDBACK_OUTBOX"] = os.environ["MLFLOW_FEEDBACK_OUTBOX"]
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, mlflow_server.url],
         cwd=ROOT,

@@ -336,6 +336,7 @@ def test_client_disconnect_mid_stream_is_a_recorded_outcome(experiment_name: str
     assert root.outputs["disconnected"] is True
     assert root.outputs["body"].startswith("data: chunk 0\n\ndata: chunk 1\n\n")
     assert "chunk 999" not in root.outputs["body"]
+    assert app.state.closed_streams == 1  # the generator was closed, not left suspended
 
 
 def test_lifespan_shutdown_exports_pending_traces(experiment_name: str) -> None:

@@ -1,0 +1,319 @@
+"""Delivers outbox items to MLflow: inline for the request that brought them, then from a background thread.
+
+An item moves from pending to delivered, or to failed when MLflow refuses it, when its trace never
+appears, or after `MAX_ATTEMPTS` server errors. "Trace not found" is normal for a while: MLflow exports
+traces seconds after they end, and not at all while a stream is still open. How long it is tolerated
+depends on whether this service issued the trace (`known_wait`) or not (`unknown_wait`).
+
+While the tracking server is unreachable, delivery stops and backs off (1 s up to 60 s); items keep
+their order and wait in the outbox, which survives restarts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from typing import Any
+
+import mlflow
+
+from .feedback_writer import (
+    NOT_FOUND,
+    REJECTED,
+    UNAVAILABLE,
+    classify,
+    log_feedback,
+    probe,
+    search_trace_id,
+    written_under,
+)
+from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
+from .registry import RecentTraces
+from .tracing import MlflowBackend
+
+logger = logging.getLogger("mlflow_feedback_middleware")
+
+WAITING = "waiting"  # the trace is not in MLflow yet; try again soon
+BUSY = "busy"  # another call of this process is writing the item; it will settle it
+MAX_ATTEMPTS = 20
+_BACKOFF = (1, 2, 5, 10, 30, 60)
+_POLL_SECONDS = 5.0  # picks up items other processes left behind, and expired leases
+_PROBE_TIMEOUT = 2.0
+_BATCH = 20
+_RETENTION_SECONDS = 7 * 24 * 3600
+
+
+class FeedbackDelivery:
+    """Moves feedback from the outbox into MLflow; one per middleware, thread-safe."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        backend: MlflowBackend,
+        recent: RecentTraces,
+        destination: str,
+        *,
+        unknown_wait: float,
+        known_wait: float,
+    ) -> None:
+        self.outbox = outbox
+        self.destination = destination
+        self._backend = backend
+        self._recent = recent
+        self._unknown_wait = unknown_wait
+        self._known_wait = known_wait
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._in_flight: set[str] = set()  # items being written now, possibly by a call that hung
+        self._in_flight_lock = threading.Lock()
+        self._suspect = False  # a call failed or hung: probe the server before the next one
+        self._failures = 0
+        self._down_until = 0.0
+        self.last_error: str | None = None
+        self.delivered = 0
+        self.failed = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background thread (once), which first replays what earlier processes left."""
+        if self._thread is not None:
+            return
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mlflow-feedback-outbox", daemon=True)
+                self._thread.start()
+                atexit.register(self.flush, 5.0)
+
+    def wake(self) -> None:
+        """Tell the background thread an item is due now."""
+        self._wake.set()
+
+    def flush(self, timeout: float) -> None:
+        """Stop the thread and try every pending item once, within `timeout`; the rest stays in the outbox."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        try:
+            if not self._thread or not self._thread.is_alive():
+                self._pass(deadline, everything=True)
+        finally:
+            self.outbox.release_mine()
+        atexit.unregister(self.flush)
+
+    # -- one item ----------------------------------------------------------------------------------
+
+    def accept(self, item: Item, lease_seconds: float) -> None:
+        """Store `item` durably before its request is answered; this process tries it first."""
+        self.outbox.add(item, lease_seconds + LEASE_SECONDS)
+
+    def hold(self, item_id: str) -> None:
+        """Keep the background thread off an item a request is delivering, until `release`."""
+        with self._in_flight_lock:
+            self._in_flight.add(item_id)
+
+    def release(self, item_id: str) -> None:
+        """End a `hold`."""
+        with self._in_flight_lock:
+            self._in_flight.discard(item_id)
+
+    def attempt(self, item: Item, held: bool = False) -> str:
+        """Try to write `item` once: DELIVERED, WAITING, UNAVAILABLE, NOT_FOUND, REJECTED or BUSY.
+
+        Progress is saved as it goes, so a crash half-way never writes an assessment twice. An item
+        held by a request, or still being written by a call that hung, is left alone (BUSY).
+        """
+        if held:
+            return self._attempt(item)
+        with self._in_flight_lock:
+            if item.id in self._in_flight:
+                return BUSY
+            self._in_flight.add(item.id)
+        try:
+            return self._attempt(item)
+        finally:
+            self.release(item.id)
+
+    def _attempt(self, item: Item) -> str:
+        problem = self._unreachable()
+        if problem is not None:
+            item.last_error = problem
+            return UNAVAILABLE
+        try:
+            if item.trace_id is None:
+                assert item.client_request_id is not None
+                item.trace_id = self._resolve(item.client_request_id)
+                if item.trace_id is None:
+                    return self._not_found(item)
+            done = written_under(item.trace_id, item.id) if item.maybe_written else {}
+            if not item.maybe_written:
+                item.maybe_written = True
+                self.outbox.save(item)
+            for index in range(len(item.assessment_ids), len(item.assessments)):
+                assessment_id = done.get(index)
+                if assessment_id is None:
+                    assessment_id = log_feedback(item.trace_id, item.assessments[index], item.source_id, item.id, index)
+                item.assessment_ids.append(assessment_id)
+                self.outbox.save(item)
+        except Exception as exc:
+            return self._failed(item, exc)
+        self._suspect = False
+        item.state, item.last_error = DELIVERED, None
+        self.delivered += 1
+        return DELIVERED
+
+    def settle(self, item: Item, outcome: str, release: bool = False) -> None:
+        """Save an attempted item and hand it to the background thread if it is still pending
+        (ending a request's `hold` on it if `release`)."""
+        if release:
+            self.release(item.id)
+        if outcome == BUSY:
+            return
+        if outcome == WAITING:
+            age = time.time() - (item.not_found_since or time.time())
+            self.outbox.save(item, next_at=time.time() + min(max(age / 4, 0.25), 5.0))
+        elif outcome == UNAVAILABLE:
+            self.outbox.save(item, next_at=time.time() + self._backoff())
+        else:
+            if item.state == FAILED:
+                self.failed += 1
+                logger.warning("feedback %s for trace %s failed: %s", item.id, item.trace_id, item.last_error)
+            self.outbox.save(item, next_at=time.time())
+        self._wake.set()
+
+    def _resolve(self, client_request_id: str) -> str | None:
+        trace_id = self._recent.trace_for(client_request_id)
+        if trace_id is not None:
+            return trace_id
+        experiment_id = self._backend.experiment_id
+        if experiment_id is None:
+            self._backend.start_resolving()
+            raise ConnectionError("the MLflow experiment is not resolved yet")
+        return search_trace_id(experiment_id, client_request_id, self._backend.otlp)
+
+    def _not_found(self, item: Item) -> str:
+        now = time.time()
+        if item.not_found_since is None or (item.trace_id is not None and self._recent.is_open(item.trace_id)):
+            item.not_found_since = now  # a stream still running is not exported yet: the clock has not started
+        item.maybe_written = False
+        limit = self._known_wait if item.issued_here else self._unknown_wait
+        if now - item.not_found_since < limit:
+            return WAITING
+        item.state, item.last_error = FAILED, f"trace not found after {limit:g} s"
+        return NOT_FOUND
+
+    def _failed(self, item: Item, exc: Exception) -> str:
+        kind = classify(exc)
+        if kind == NOT_FOUND:
+            return self._not_found(item)
+        item.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        if kind == REJECTED:
+            item.state = FAILED
+            return REJECTED
+        self._suspect = True
+        item.attempts += 1
+        if item.attempts >= MAX_ATTEMPTS:
+            item.state = FAILED
+            return REJECTED
+        return UNAVAILABLE
+
+    # -- reachability ------------------------------------------------------------------------------
+
+    def _unreachable(self) -> str | None:
+        """Why the tracking server cannot take feedback now, or None. Probes only after trouble."""
+        if not self._suspect:
+            return None
+        if time.monotonic() < self._down_until:
+            return self.last_error
+        try:
+            problem = probe(mlflow.get_tracking_uri(), _PROBE_TIMEOUT)
+        except Exception as exc:  # no tracking URI at all
+            problem = str(exc)
+        if problem is None:
+            if self._failures:
+                logger.warning("MLflow tracking server is reachable again; delivering queued feedback")
+            self._suspect, self._failures, self.last_error = False, 0, None
+            return None
+        if self._failures == 0:
+            logger.warning("MLflow tracking server unreachable (%s); feedback waits in the outbox", problem)
+        self._failures += 1
+        self._down_until = time.monotonic() + self._backoff()
+        self.last_error = problem
+        return problem
+
+    def _backoff(self) -> float:
+        return float(_BACKOFF[min(max(self._failures - 1, 0), len(_BACKOFF) - 1)])
+
+    def suspect(self) -> None:
+        """A call hung: check the server is there before the next one."""
+        self._suspect = True
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the last contact with the tracking server worked."""
+        return self._failures == 0
+
+    # -- background --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            freed = self.outbox.release_dead_owners()
+            if freed:
+                logger.info("replaying %d feedback item(s) left by a stopped process", freed)
+            self.outbox.purge_delivered(_RETENTION_SECONDS)
+        except Exception:
+            logger.warning("could not read the feedback outbox", exc_info=True)
+        while not self._stopping.is_set():
+            try:
+                pause = self._pass(None, everything=False)
+            except Exception:
+                logger.warning("feedback delivery pass failed", exc_info=True)
+                pause = _POLL_SECONDS
+            self._wake.wait(pause)
+            self._wake.clear()
+
+    def _pass(self, deadline: float | None, everything: bool) -> float:
+        """Deliver due items in order; seconds until the next one is due."""
+        last_seq = 0  # each item is tried at most once per pass
+        while deadline is None or time.monotonic() < deadline:
+            if self._stopping.is_set() and not everything:
+                return 0.0
+            if self._unreachable() is not None:
+                return max(self._down_until - time.monotonic(), 0.05)
+            items = self.outbox.claim(self.destination, _BATCH, everything, after=last_seq)
+            if not items:
+                break
+            for index, item in enumerate(items):
+                last_seq = item.seq
+                outcome = self.attempt(item)
+                self.settle(item, outcome)
+                if outcome == UNAVAILABLE:  # keep the order: nothing after it goes first
+                    for rest in items[index + 1 :]:
+                        self.outbox.save(rest, next_at=time.time())
+                    return self._backoff()
+        due = self.outbox.next_due(self.destination)
+        return _POLL_SECONDS if due is None else min(max(due - time.time(), 0.05), _POLL_SECONDS)
+
+    def status(self) -> dict[str, Any]:
+        """Tracing, reachability and outbox figures for the health route. Blocking (reads the outbox)."""
+        return {
+            "experiment_id": self._backend.experiment_id,
+            "tracing_disabled": self._backend.disabled_reason,
+            "traces_issued": self._recent.issued,
+            "reachable": self.reachable,
+            "last_error": self.last_error,
+            "outbox": {
+                "path": self.outbox.path,
+                **self.outbox.stats(self.destination),
+                "delivered_by_this_process": self.delivered,
+                "failed_by_this_process": self.failed,
+            },
+        }

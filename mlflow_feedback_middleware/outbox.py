@@ -1,0 +1,301 @@
+"""The durable feedback outbox: accepted feedback waits here, in a local sqlite file, until MLflow has it.
+
+Several processes (``uvicorn --workers N``, or replicas sharing a volume) may share one file. A row is
+delivered by whoever holds its lease; a lease runs out after `LEASE_SECONDS`, and one held by a dead
+process on this host is taken over at start-up, so a restarted service replays its backlog at once.
+Times are wall-clock seconds because rows outlive the process that wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .feedback_models import Assessment
+
+LEASE_SECONDS = 30.0
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback_outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    destination TEXT NOT NULL,
+    trace_id TEXT,
+    client_request_id TEXT,
+    source_id TEXT NOT NULL,
+    assessments TEXT NOT NULL,
+    assessment_ids TEXT NOT NULL DEFAULT '[]',
+    issued_here INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    maybe_written INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_at REAL NOT NULL,
+    not_found_since REAL,
+    owner TEXT,
+    lease_until REAL,
+    last_error TEXT,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS feedback_outbox_due ON feedback_outbox (destination, state, seq);
+"""
+
+
+@dataclass
+class Item:
+    """One accepted feedback request: the assessments to write on one trace, for one user."""
+
+    destination: str
+    trace_id: str | None
+    client_request_id: str | None
+    source_id: str
+    assessments: list[Assessment]
+    issued_here: bool  # the trace was issued by a process of this service, as far as it knew
+    id: str = field(default_factory=lambda: "fb-" + uuid.uuid4().hex)
+    seq: int = 0  # position in the outbox, set once stored
+    assessment_ids: list[str | None] = field(default_factory=list)
+    state: str = PENDING
+    attempts: int = 0
+    maybe_written: bool = False  # a write was started whose outcome is unknown (crash, timeout)
+    created_at: float = field(default_factory=time.time)
+    not_found_since: float | None = None
+    last_error: str | None = None
+
+    def to_public(self) -> dict[str, Any]:
+        """What the status route shows of the item."""
+        return {
+            "feedback_id": self.id,
+            "state": self.state,
+            "trace_id": self.trace_id,
+            "client_request_id": self.client_request_id,
+            "assessment_ids": self.assessment_ids,
+            "attempts": self.attempts,
+            "error": self.last_error,
+        }
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+class Outbox:
+    """Rows of accepted feedback in a sqlite file (or in memory when `path` is None). Thread-safe."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.owner = _owner_id()
+        self.path = str(path) if path is not None else None
+        if self.path is not None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # One connection, serialised by a lock: sqlite's own locking then orders us against other processes.
+        self._conn = sqlite3.connect(
+            self.path or ":memory:", timeout=10.0, isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.Lock()
+        if self.path is not None:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")  # an accepted vote survives a crash or power cut
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the file; the outbox is unusable afterwards."""
+        with self._lock:
+            self._conn.close()
+
+    def add(self, item: Item, lease_seconds: float) -> None:
+        """Store `item`, leased to this process for `lease_seconds` (it tries to deliver it first)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO feedback_outbox (id, destination, trace_id, client_request_id, source_id, assessments,"
+                " issued_here, created_at, next_at, owner, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    item.id,
+                    item.destination,
+                    item.trace_id,
+                    item.client_request_id,
+                    item.source_id,
+                    json.dumps([_assessment_json(a) for a in item.assessments]),
+                    int(item.issued_here),
+                    item.created_at,
+                    now,
+                    self.owner,
+                    now + lease_seconds,
+                ),
+            )
+
+    def remove(self, item_id: str) -> None:
+        """Forget an item that was never accepted (its request got a 4xx)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM feedback_outbox WHERE id = ?", (item_id,))
+
+    def save(self, item: Item, next_at: float | None = None) -> None:
+        """Record an item's progress; a pending item is kept leased only if `next_at` is None."""
+        finished = time.time() if item.state != PENDING else None
+        with self._tx() as db:
+            db.execute(
+                "UPDATE feedback_outbox SET trace_id=?, assessment_ids=?, state=?, attempts=?, maybe_written=?,"
+                " not_found_since=?, last_error=?, finished_at=?, next_at=COALESCE(?, next_at),"
+                " owner=CASE WHEN ? IS NULL THEN owner ELSE NULL END,"
+                " lease_until=CASE WHEN ? IS NULL THEN lease_until ELSE NULL END WHERE id=?",
+                (
+                    item.trace_id,
+                    json.dumps(item.assessment_ids),
+                    item.state,
+                    item.attempts,
+                    int(item.maybe_written),
+                    item.not_found_since,
+                    item.last_error,
+                    finished,
+                    next_at,
+                    next_at,
+                    next_at,
+                    item.id,
+                ),
+            )
+
+    def claim(self, destination: str, limit: int, everything: bool = False, after: int = 0) -> list[Item]:
+        """Lease up to `limit` due pending items of `destination` to this process, oldest first.
+
+        `everything` takes items not due yet too (a last try at shutdown); `after` skips seq numbers up to it.
+        Leased items are skipped, this process's own too: a request is still trying them inline.
+        """
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM feedback_outbox WHERE destination=? AND state='pending' AND next_at<=? AND seq>?"
+                " AND (owner IS NULL OR lease_until<?) ORDER BY seq LIMIT ?",
+                (destination, float("inf") if everything else now, after, now, limit),
+            ).fetchall()
+            columns = [c[0] for c in db.execute("SELECT * FROM feedback_outbox LIMIT 0").description]
+            items = [_item(dict(zip(columns, row, strict=True))) for row in rows]
+            db.executemany(
+                "UPDATE feedback_outbox SET owner=?, lease_until=? WHERE id=?",
+                [(self.owner, now + LEASE_SECONDS, i.id) for i in items],
+            )
+        return items
+
+    def release_dead_owners(self) -> int:
+        """Free the leases of processes on this host that no longer run; how many items were freed."""
+        host = socket.gethostname()
+        with self._tx() as db:
+            owners = [r[0] for r in db.execute("SELECT DISTINCT owner FROM feedback_outbox WHERE state='pending'")]
+            dead = [
+                o
+                for o in owners
+                if o and o != self.owner and o.split(":")[0] == host and not _pid_alive(int(o.split(":")[1]))
+            ]
+            freed = 0
+            for owner in dead:
+                freed += db.execute(
+                    "UPDATE feedback_outbox SET owner=NULL, lease_until=NULL WHERE owner=?", (owner,)
+                ).rowcount
+        return freed
+
+    def release_mine(self) -> None:
+        """Hand this process's leased items back, e.g. at shutdown, so a successor takes them at once."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE feedback_outbox SET owner=NULL, lease_until=NULL WHERE owner=? AND state='pending'",
+                (self.owner,),
+            )
+
+    def get(self, item_id: str) -> Item | None:
+        """The item with that ID, if the outbox still has it."""
+        with self._tx() as db:
+            cursor = db.execute("SELECT * FROM feedback_outbox WHERE id=?", (item_id,))
+            row = cursor.fetchone()
+            columns = [c[0] for c in cursor.description]
+        return _item(dict(zip(columns, row, strict=True))) if row else None
+
+    def next_due(self, destination: str) -> float | None:
+        """When the earliest pending item of `destination` falls due (wall-clock), or None if none is pending."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT MIN(MAX(next_at, COALESCE(lease_until, 0))) FROM feedback_outbox"
+                " WHERE destination=? AND state='pending'",
+                (destination,),
+            ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def stats(self, destination: str) -> dict[str, Any]:
+        """Counts by state and the age of the oldest pending item, for the health route."""
+        with self._tx() as db:
+            counts = dict(
+                db.execute(
+                    "SELECT state, COUNT(*) FROM feedback_outbox WHERE destination=? GROUP BY state", (destination,)
+                ).fetchall()
+            )
+            oldest = db.execute(
+                "SELECT MIN(created_at) FROM feedback_outbox WHERE destination=? AND state='pending'", (destination,)
+            ).fetchone()[0]
+        return {
+            "pending": counts.get(PENDING, 0),
+            "oldest_pending_seconds": round(time.time() - oldest, 3) if oldest is not None else None,
+            "delivered": counts.get(DELIVERED, 0),
+            "failed": counts.get(FAILED, 0),
+        }
+
+    def purge_delivered(self, older_than_seconds: float) -> int:
+        """Delete delivered rows older than the retention; failed rows stay for an operator to inspect."""
+        with self._tx() as db:
+            return db.execute(
+                "DELETE FROM feedback_outbox WHERE state='delivered' AND finished_at<?",
+                (time.time() - older_than_seconds,),
+            ).rowcount
+
+
+def _assessment_json(a: Assessment) -> dict[str, Any]:
+    return {"name": a.name, "value": a.value, "rationale": a.rationale, "metadata": a.metadata}
+
+
+def _item(row: dict[str, Any]) -> Item:
+    return Item(
+        id=row["id"],
+        seq=row["seq"],
+        destination=row["destination"],
+        trace_id=row["trace_id"],
+        client_request_id=row["client_request_id"],
+        source_id=row["source_id"],
+        assessments=[Assessment(**a) for a in json.loads(row["assessments"])],
+        issued_here=bool(row["issued_here"]),
+        assessment_ids=json.loads(row["assessment_ids"]),
+        state=row["state"],
+        attempts=row["attempts"],
+        maybe_written=bool(row["maybe_written"]),
+        created_at=row["created_at"],
+        not_found_since=row["not_found_since"],
+        last_error=row["last_error"],
+    )
