@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -59,7 +60,8 @@ def run_worker(mode: str, variant: str, kind: str, args: argparse.Namespace, ser
         f"--experiment-name={name}",
         f"--experiment-id={experiment_id}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    env = os.environ | {"MLFLOW_FEEDBACK_OUTBOX": str(server.workdir / "outbox.db")}  # not the working tree
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{mode}/{variant}/{kind} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]

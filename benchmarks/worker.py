@@ -191,7 +191,7 @@ async def feedback_burst(args: argparse.Namespace) -> dict[str, Any]:
     lags.sort()
     return {
         "posts": len(statuses),
-        "ok": sum(s == 200 for s in statuses),
+        "ok": sum(s in (200, 202) for s in statuses),  # written, or durably queued
         "posts_per_s": len(statuses) / elapsed,
         "max_stall_ms": lags[-1] * 1000,
         "p99_stall_ms": lags[int(len(lags) * 0.99)] * 1000,

@@ -308,6 +308,7 @@ class FeedbackDelivery:
             "experiment_id": self._backend.experiment_id,
             "tracing_disabled": self._backend.disabled_reason,
             "traces_issued": self._recent.issued,
+            **self._backend.losses.snapshot(),
             "reachable": self.reachable,
             "last_error": self.last_error,
             "outbox": {

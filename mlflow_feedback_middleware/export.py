@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import queue
 import sys
+import threading
+from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
@@ -76,3 +79,97 @@ def use_otlp_export(uri: str, experiment_id: str) -> bool:
     os.environ["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = headers
     reset()  # MLflow picks its span processors when the tracer provider is (re)built
     return True
+
+
+class ExportLosses:
+    """Counts what MLflow's export path loses, which MLflow itself only logs (and at most every 30 s).
+
+    With MLflow's exporter: traces dropped because its task queue was full, and export calls that
+    failed (server down or erroring). With OTLP: spans the batch processor dropped from its full queue.
+    Counting hooks into MLflow's exporter objects; where they are not as expected (another MLflow
+    version), `watching` stays False and the counts read None. A trace counted as dropped lost its
+    trace-info write; it may still land from its spans, without its metadata.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.traces_dropped = 0
+        self.span_batches_dropped = 0
+        self.exports_failed = 0
+        self.otlp_spans_dropped = 0
+        self.watching = False
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    def watch(self) -> None:
+        """Hook the exporter MLflow uses now; call again after it is rebuilt. Never raises."""
+        try:
+            from mlflow.tracing.provider import _get_span_processor, _get_trace_exporter
+
+            export_queue = getattr(getattr(_get_trace_exporter(), "_async_queue", None), "_queue", None)
+            if type(export_queue) is queue.Queue:
+                export_queue.__class__ = self._counting_queue()
+                self.watching = True
+            elif isinstance(export_queue, queue.Queue):
+                self.watching = True  # hooked already
+            batch = getattr(_get_span_processor(), "_batch_processor", None)
+            metrics = getattr(batch, "_metrics", None)
+            drop_items = getattr(metrics, "drop_items", None)
+            if metrics is not None and drop_items is not None and not getattr(drop_items, "_counted", False):
+
+                def counted_drop(count: int, *args: Any, **kwargs: Any) -> Any:
+                    with self._lock:
+                        self.otlp_spans_dropped += count
+                    return drop_items(count, *args, **kwargs)
+
+                counted_drop._counted = True  # type: ignore[attr-defined]
+                metrics.drop_items = counted_drop
+                self.watching = True
+        except Exception:
+            logger.debug("cannot count MLflow's export losses", exc_info=True)
+
+    def _counting_queue(self) -> type[queue.Queue[Any]]:
+        losses = self
+
+        class CountingQueue(queue.Queue[Any]):
+            def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+                handler = getattr(item, "handler", None)
+                if handler is not None and not getattr(handler, "_counted", False):
+                    item.handler = losses._counting_handler(handler)
+                try:
+                    super().put(item, block, timeout)
+                except queue.Full:
+                    trace_task = getattr(handler, "__name__", "") == "_log_trace"
+                    losses._count("traces_dropped" if trace_task else "span_batches_dropped")
+                    raise
+
+        return CountingQueue
+
+    def _counting_handler(self, handler: Any) -> Any:
+        def counted(*args: Any) -> Any:
+            try:
+                return handler(*args)
+            except Exception:
+                self._count("exports_failed")
+                raise
+
+        counted._counted = True  # type: ignore[attr-defined]
+        counted.__name__ = getattr(handler, "__name__", "handler")
+        return counted
+
+    def snapshot(self) -> dict[str, int | None]:
+        """The counts since start-up (None where they cannot be counted)."""
+        with self._lock:
+            counts = {
+                "traces_dropped": self.traces_dropped,
+                "span_batches_dropped": self.span_batches_dropped,
+                "export_failures": self.exports_failed,
+                "otlp_spans_dropped": self.otlp_spans_dropped,
+            }
+            return {k: v if self.watching else None for k, v in counts.items()}
+
+
+# MLflow's exporter is one per process, so are its losses: every middleware instance reports these.
+export_losses = ExportLosses()

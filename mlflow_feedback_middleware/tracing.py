@@ -21,7 +21,7 @@ import mlflow
 from mlflow.entities import LiveSpan, MlflowExperimentLocation, SpanType
 from mlflow.exceptions import MlflowException
 
-from .export import flush_exports, skip_absent_module_probes, use_otlp_export
+from .export import export_losses, flush_exports, skip_absent_module_probes, use_otlp_export
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
@@ -68,6 +68,8 @@ class MlflowBackend:
         self.experiment_id: str | None = None
         self.disabled_reason: str | None = None
         self._noop_warned = False
+        self.losses = export_losses
+        self._losses_hooked = False  # MLflow builds its exporter with the first span
         self._startup_deadline: float | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -177,6 +179,9 @@ class MlflowBackend:
     def is_real(self, span: Any) -> bool:
         """Whether MLflow gave a recording span (not a no-op one from sampling or a broken set-up)."""
         if isinstance(span, LiveSpan):
+            if not self._losses_hooked:
+                self._losses_hooked = True
+                self.losses.watch()
             return True
         if not self._noop_warned and not _sampling_configured():
             self._noop_warned = True
