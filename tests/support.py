@@ -210,3 +210,20 @@ def wait_until(condition: Any, timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout} s")
         time.sleep(0.25)
+
+
+def run_script(script: str, args: list[str], env: dict[str, str], timeout: float = 300) -> Any:
+    """Run `script` in a fresh Python process (MLflow's tracer, URI and OTel settings are process-wide)
+    with only `env` of MLFLOW_* / OTEL_* settings, and the JSON its last output line holds."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))}
+    clean["MLFLOW_FEEDBACK_OUTBOX"] = os.environ["MLFLOW_FEEDBACK_OUTBOX"]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,16 @@ from mlflow_feedback_middleware.feedback_writer import FEEDBACK_ID_KEY, log_feed
 from mlflow_feedback_middleware.outbox import Item
 
 from .apps import build_app
-from .support import ROOT, AppProcess, MlflowServer, UvicornThread, client_for, get_trace, root_span, wait_until
+from .support import (
+    AppProcess,
+    MlflowServer,
+    UvicornThread,
+    client_for,
+    get_trace,
+    root_span,
+    run_script,
+    wait_until,
+)
 
 TRACE_HEADER = "x-mlflow-trace-id"
 
@@ -234,23 +240,12 @@ asyncio.run(main())
 def test_traces_mlflow_drops_are_counted(mlflow_server: MlflowServer, experiment_name: str) -> None:
     """MLflow's exporter drops traces quietly when its queue is full. With a tiny queue, every trace
     issued is either stored or counted as dropped by the health route."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env |= {
+    env = {
         "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MLFLOW_FEEDBACK_OUTBOX": os.environ["MLFLOW_FEEDBACK_OUTBOX"],
         "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "4",
         "MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "1",
     }
-    result = subprocess.run(
-        [sys.executable, "-c", OVERFLOW_SCRIPT, experiment_name],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_script(OVERFLOW_SCRIPT, [experiment_name], env)
     health = out["health"]
     assert health["traces_dropped"] > 0 and health["export_failures"] == 0
     assert out["issued"] == 150

@@ -5,12 +5,7 @@ Runs in its own process: the switch sets OpenTelemetry's process-wide environmen
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
-from .support import ROOT, MlflowServer
+from .support import MlflowServer, run_script
 
 SCRIPT = """
 import asyncio, json, sys
@@ -57,18 +52,7 @@ asyncio.run(main())
 
 
 def test_otlp_export_keeps_what_feedback_and_reports_need(mlflow_server: MlflowServer) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))}
-    env["MLFLOW_FEEDBACK_OUTBOX"] = os.environ["MLFLOW_FEEDBACK_OUTBOX"]
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mlflow_server.url],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_script(SCRIPT, [mlflow_server.url], {}, timeout=180)
     assert out["otlp_env"]["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == f"{mlflow_server.url}/v1/traces"
     trace = out["trace"]
     assert trace["name"] == "POST /chat"
