@@ -41,6 +41,7 @@ MAX_ATTEMPTS = 20
 _BACKOFF = (1, 2, 5, 10, 30, 60)
 _POLL_SECONDS = 5.0  # picks up items other processes left behind, and expired leases
 _PROBE_TIMEOUT = 2.0
+_TRUST_SECONDS = 5.0  # after this long without an answer from the server, probe before calling it
 _BATCH = 20
 _RETENTION_SECONDS = 7 * 24 * 3600
 
@@ -71,6 +72,7 @@ class FeedbackDelivery:
         self._in_flight: set[str] = set()  # items being written now, possibly by a call that hung
         self._in_flight_lock = threading.Lock()
         self._suspect = False  # a call failed or hung: probe the server before the next one
+        self._last_answer = 0.0  # monotonic time of the server's last answer
         self._failures = 0
         self._down_until = 0.0
         self.last_error: str | None = None
@@ -165,6 +167,7 @@ class FeedbackDelivery:
                 self.outbox.save(item)
         except Exception as exc:
             return self._failed(item, exc)
+        self._last_answer = time.monotonic()
         self._suspect = False
         item.state, item.last_error = DELIVERED, None
         self.delivered += 1
@@ -212,6 +215,8 @@ class FeedbackDelivery:
 
     def _failed(self, item: Item, exc: Exception) -> str:
         kind = classify(exc)
+        if kind != UNAVAILABLE:
+            self._last_answer = time.monotonic()
         if kind == NOT_FOUND:
             return self._not_found(item)
         item.last_error = f"{type(exc).__name__}: {exc}"[:500]
@@ -228,8 +233,12 @@ class FeedbackDelivery:
     # -- reachability ------------------------------------------------------------------------------
 
     def _unreachable(self) -> str | None:
-        """Why the tracking server cannot take feedback now, or None. Probes only after trouble."""
-        if not self._suspect:
+        """Why the tracking server cannot take feedback now, or None.
+
+        Probes after trouble, or when the server has not answered for a while: a server gone since would
+        hold the next call in MLflow's retries for minutes.
+        """
+        if not self._suspect and time.monotonic() - self._last_answer < _TRUST_SECONDS:
             return None
         if time.monotonic() < self._down_until:
             return self.last_error
@@ -238,6 +247,7 @@ class FeedbackDelivery:
         except Exception as exc:  # no tracking URI at all
             problem = str(exc)
         if problem is None:
+            self._last_answer = time.monotonic()
             if self._failures:
                 logger.warning("MLflow tracking server is reachable again; delivering queued feedback")
             self._suspect, self._failures, self.last_error = False, 0, None

@@ -53,6 +53,9 @@ def _reject_constant(name: str) -> None:
 class FeedbackRoutes:
     """An ASGI app answering requests under `settings.feedback_path`.
 
+    Outbox reads and writes (local sqlite) go to the default thread pool, MLflow calls to the backend's:
+    tracking-server calls stuck in MLflow's retries must not keep feedback from being accepted.
+
     ``POST {path}`` takes feedback; ``GET {path}/health`` reports the backend and the outbox;
     ``GET {path}/<feedback_id>`` tells what became of one accepted feedback.
     """
@@ -95,7 +98,7 @@ class FeedbackRoutes:
         elif path == self._prefix + "health" and request.method == "GET":
             response = await self._health()
         elif _FEEDBACK_ID.fullmatch(path[len(self._prefix) :]) and request.method == "GET":
-            item = await self._backend.run(self._delivery.outbox.get, path[len(self._prefix) :])
+            item = await asyncio.to_thread(self._delivery.outbox.get, path[len(self._prefix) :])
             response = JSONResponse(item.to_public()) if item else _error(404, "no such feedback")
         else:
             response = _error(404, f"no feedback route at {path}")
@@ -103,7 +106,7 @@ class FeedbackRoutes:
 
     async def _health(self) -> JSONResponse:
         """Backend reachability and outbox figures; 503 while feedback cannot reach MLflow."""
-        status = await self._backend.run(self._delivery.status)
+        status = await asyncio.to_thread(self._delivery.status)
         oldest = status["outbox"]["oldest_pending_seconds"]
         healthy = (
             status["experiment_id"] is not None
@@ -161,7 +164,7 @@ class FeedbackRoutes:
         budget = self._settings.feedback_sync_seconds if issued_here else None
         try:
             lease = budget if budget is not None else self._settings.feedback_wait_seconds + _CALL_TIMEOUT
-            await self._backend.run(self._delivery.accept, item, lease)
+            await asyncio.to_thread(self._delivery.accept, item, lease)
         except Exception:
             logger.error("could not store feedback in the outbox at %s", self._delivery.outbox.path, exc_info=True)
             return _error(503, "the feedback store is unavailable; try again later")
@@ -180,7 +183,7 @@ class FeedbackRoutes:
                 }
             )
         if outcome in (NOT_FOUND, REJECTED) and not item.assessment_ids:
-            await self._backend.run(self._delivery.outbox.remove, item.id)  # refused, so never accepted
+            await asyncio.to_thread(self._delivery.outbox.remove, item.id)  # refused, so never accepted
             if outcome == NOT_FOUND:
                 what = f"trace {item.trace_id!r}" if item.trace_id else f"client_request_id {item.client_request_id!r}"
                 return _error(404, f"{what} not found")
@@ -222,7 +225,7 @@ class FeedbackRoutes:
                 delay = min(delay * 2, _MAX_DELAY)
                 continue
             if outcome not in (NOT_FOUND, REJECTED) or item.assessment_ids:
-                await self._backend.run(self._delivery.settle, item, outcome, True)
+                await asyncio.to_thread(self._delivery.settle, item, outcome, True)
             else:
                 self._delivery.release(item.id)
             return outcome
