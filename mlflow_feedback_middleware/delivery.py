@@ -19,6 +19,7 @@ from typing import Any
 
 import mlflow
 
+from .export import flush_exports
 from .feedback_writer import (
     NOT_FOUND,
     REJECTED,
@@ -58,6 +59,7 @@ class FeedbackDelivery:
         *,
         unknown_wait: float,
         known_wait: float,
+        exit_timeout: float,
     ) -> None:
         self.outbox = outbox
         self.destination = destination
@@ -65,6 +67,7 @@ class FeedbackDelivery:
         self._recent = recent
         self._unknown_wait = unknown_wait
         self._known_wait = known_wait
+        self._exit_timeout = exit_timeout
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,7 +92,7 @@ class FeedbackDelivery:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mlflow-feedback-outbox", daemon=True)
                 self._thread.start()
-                atexit.register(self.flush, 5.0)
+                atexit.register(self._at_exit)
 
     def wake(self) -> None:
         """Tell the background thread an item is due now."""
@@ -109,7 +112,17 @@ class FeedbackDelivery:
                 self._pass(deadline, everything=True)
         finally:
             self.outbox.release_mine()
-        atexit.unregister(self.flush)
+        atexit.unregister(self._at_exit)
+
+    def _at_exit(self) -> None:
+        """Without a lifespan shutdown: export held traces, then deliver what waits for them."""
+        deadline = time.monotonic() + self._exit_timeout
+        if self._backend.experiment_id is not None:
+            try:
+                flush_exports(self._exit_timeout / 2)
+            except Exception:
+                logger.debug("could not flush MLflow's trace export at exit", exc_info=True)
+        self.flush(max(deadline - time.monotonic(), 0.5))
 
     # -- one item ----------------------------------------------------------------------------------
 

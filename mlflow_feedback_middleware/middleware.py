@@ -110,6 +110,7 @@ class MlflowFeedbackMiddleware:
             _destination(experiment_name),
             unknown_wait=settings.feedback_wait_seconds,
             known_wait=settings.trace_wait_seconds,
+            exit_timeout=settings.shutdown_timeout_seconds,
         )
         self.feedback = (
             FeedbackRoutes(settings, self.backend, self.recent, self.delivery, self.user_id_header_key)

@@ -263,3 +263,26 @@ def test_lifespan_shutdown_delivers_queued_feedback(experiment_name: str) -> Non
         assert response.status_code == 202, response.text
     [assessment] = written(TracingClient(), trace_id, response.json()["feedback_id"])  # no waiting here
     assert assessment.value is False and assessment.rationale == "late"
+
+
+NO_LIFESPAN_SCRIPT = """
+import asyncio, json, sys
+import httpx
+from tests.apps import build_app
+
+async def main():
+    app = build_app(experiment_name=sys.argv[1], feedback_sync_seconds=0)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        trace_id = (await client.post("/chat", json={"message": "hi"})).headers["x-mlflow-trace-id"]
+        fb = await client.post(f"/feedback?trace_id={trace_id}", json={"is_correct": True})
+    print(json.dumps({"trace_id": trace_id, "status": fb.status_code, "feedback_id": fb.json()["feedback_id"]}))
+
+asyncio.run(main())  # then the interpreter exits: no lifespan ran, the atexit hook has to deliver
+"""
+
+
+def test_exit_without_lifespan_delivers_queued_feedback(mlflow_server: MlflowServer, experiment_name: str) -> None:
+    out = run_script(NO_LIFESPAN_SCRIPT, [experiment_name], {"MLFLOW_TRACKING_URI": mlflow_server.url})
+    assert out["status"] == 202
+    [assessment] = written(TracingClient(), out["trace_id"], out["feedback_id"])  # no waiting here
+    assert assessment.value is True
