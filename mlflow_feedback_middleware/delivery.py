@@ -45,6 +45,7 @@ _PROBE_TIMEOUT = 2.0
 _TRUST_SECONDS = 5.0  # after this long without an answer from the server, probe before calling it
 _BATCH = 20
 _RETENTION_SECONDS = 7 * 24 * 3600
+_exports_flushed_at_exit = False
 
 
 class FeedbackDelivery:
@@ -115,13 +116,20 @@ class FeedbackDelivery:
         atexit.unregister(self._at_exit)
 
     def _at_exit(self) -> None:
-        """Without a lifespan shutdown: export held traces, then deliver what waits for them."""
+        """Without a lifespan shutdown: export held traces, then deliver the feedback waiting for them.
+
+        With no feedback pending there is nothing to do: MLflow's own exit hook exports the traces.
+        """
+        global _exports_flushed_at_exit
         deadline = time.monotonic() + self._exit_timeout
-        if self._backend.experiment_id is not None:
-            try:
+        try:
+            if self.outbox.next_due(self.destination) is None:
+                return
+            if self._backend.experiment_id is not None and not _exports_flushed_at_exit:
+                _exports_flushed_at_exit = True  # the exporter is process-wide: once is enough (~1 s)
                 flush_exports(self._exit_timeout / 2)
-            except Exception:
-                logger.debug("could not flush MLflow's trace export at exit", exc_info=True)
+        except Exception:
+            logger.debug("could not flush MLflow's trace export at exit", exc_info=True)
         self.flush(max(deadline - time.monotonic(), 0.5))
 
     # -- one item ----------------------------------------------------------------------------------
@@ -266,7 +274,9 @@ class FeedbackDelivery:
             self._suspect, self._failures, self.last_error = False, 0, None
             return None
         if self._failures == 0:
-            logger.warning("MLflow tracking server unreachable (%s); feedback waits in the outbox", problem)
+            # One warning per outage: the tracing side may have given it already.
+            level = logging.INFO if self._backend.unreachable else logging.WARNING
+            logger.log(level, "MLflow tracking server unreachable (%s); feedback waits in the outbox", problem)
         self._failures += 1
         self._down_until = time.monotonic() + self._backoff()
         self.last_error = problem
@@ -309,6 +319,9 @@ class FeedbackDelivery:
         while deadline is None or time.monotonic() < deadline:
             if self._stopping.is_set() and not everything:
                 return 0.0
+            due = self.outbox.next_due(self.destination)
+            if due is None or (due > time.time() and not everything):
+                break  # nothing to deliver: no reason to contact the server
             if self._unreachable() is not None:
                 return max(self._down_until - time.monotonic(), 0.05)
             items = self.outbox.claim(self.destination, _BATCH, everything, after=last_seq)

@@ -72,6 +72,11 @@ class MlflowBackend:
         self._losses_hooked = False  # MLflow builds its exporter with the first span
         self._startup_deadline: float | None = None
 
+    @property
+    def unreachable(self) -> bool:
+        """Whether resolving the experiment is failing (and has been warned about)."""
+        return self._failures > 0
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking MLflow call on the backend's threads and await its result."""
         return await asyncio.wrap_future(self._executor.submit(fn, *args))

@@ -81,7 +81,7 @@ def test_unreachable_tracking_server_serves_untraced_with_one_warning() -> None:
     # may have issued the trace).
     assert responses[-1]["status"] == 202 and responses[-1]["body"]["status"] == "accepted"
     warnings = [message for level, message in outcome["logs"] if level == "WARNING"]  # type: ignore[union-attr]
-    assert sum("unreachable" in w for w in warnings) == 1
+    assert sum("unreachable" in w for w in warnings) == 1, warnings
 
 
 def test_tracing_only_install_with_local_store_is_disabled_loudly(tmp_path: object) -> None:
