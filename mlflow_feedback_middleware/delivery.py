@@ -1,4 +1,8 @@
-"""Delivers outbox items to MLflow: inline for the request that brought them, then from a background thread.
+"""Delivers outbox items to MLflow, from one background thread per process, in order.
+
+One thread, not a pool: MLflow's client spends about 3 ms of CPU per call, and a burst of feedback
+written by many threads at once held the GIL long enough to stall the event loop for tens of
+milliseconds. A request waits (without blocking the loop) for its own item's first decisive outcome.
 
 An item moves from pending to delivered, or to failed when MLflow refuses it, when its trace never
 appears, or after `MAX_ATTEMPTS` server errors. "Trace not found" is normal for a while: MLflow exports
@@ -11,7 +15,9 @@ their order and wait in the outbox, which survives restarts.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import logging
 import threading
 import time
@@ -37,7 +43,6 @@ from .tracing import MlflowBackend
 logger = logging.getLogger("mlflow_feedback_middleware")
 
 WAITING = "waiting"  # the trace is not in MLflow yet; try again soon
-BUSY = "busy"  # another call of this process is writing the item; it will settle it
 MAX_ATTEMPTS = 20
 _BACKOFF = (1, 2, 5, 10, 30, 60)
 _POLL_SECONDS = 5.0  # picks up items other processes left behind, and expired leases
@@ -73,8 +78,8 @@ class FeedbackDelivery:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._in_flight: set[str] = set()  # items being written now, possibly by a call that hung
-        self._in_flight_lock = threading.Lock()
+        self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[tuple[str, Item]]]] = {}
+        self._waiters_lock = threading.Lock()
         self._suspect = False  # a call failed or hung: probe the server before the next one
         self._last_answer = 0.0  # monotonic time of the server's last answer
         self._failures = 0
@@ -134,38 +139,45 @@ class FeedbackDelivery:
 
     # -- one item ----------------------------------------------------------------------------------
 
-    def accept(self, item: Item, lease_seconds: float) -> None:
-        """Store `item` durably before its request is answered; this process tries it first."""
-        self.outbox.add(item, lease_seconds + LEASE_SECONDS)
+    def accept(self, item: Item) -> None:
+        """Store `item` durably before its request is answered, leased to this process, and wake the thread."""
+        self.outbox.add(item, LEASE_SECONDS)
+        self._wake.set()
 
-    def hold(self, item_id: str) -> None:
-        """Keep the background thread off an item a request is delivering, until `release`."""
-        with self._in_flight_lock:
-            self._in_flight.add(item_id)
+    def expect(self, item_id: str, loop: asyncio.AbstractEventLoop) -> asyncio.Future[tuple[str, Item]]:
+        """A future resolved (on `loop`) with the outcome of the item's first decisive attempt:
+        DELIVERED, UNAVAILABLE, NOT_FOUND or REJECTED, and the item as the attempt left it."""
+        future: asyncio.Future[tuple[str, Item]] = loop.create_future()
+        with self._waiters_lock:
+            self._waiters[item_id] = (loop, future)
+        return future
 
-    def release(self, item_id: str) -> None:
-        """End a `hold`."""
-        with self._in_flight_lock:
-            self._in_flight.discard(item_id)
+    def forget(self, item_id: str) -> None:
+        """Stop reporting on `item_id` (its request has been answered)."""
+        with self._waiters_lock:
+            self._waiters.pop(item_id, None)
 
-    def attempt(self, item: Item, held: bool = False) -> str:
-        """Try to write `item` once: DELIVERED, WAITING, UNAVAILABLE, NOT_FOUND, REJECTED or BUSY.
+    def _report(self, item: Item, outcome: str) -> None:
+        """Hand a decisive outcome to the request waiting for it, if one is."""
+        with self._waiters_lock:
+            waiter = self._waiters.pop(item.id, None) if outcome != WAITING else None
+        if waiter is None:
+            return
+        loop, future = waiter
 
-        Progress is saved as it goes, so a crash half-way never writes an assessment twice. An item
-        held by a request, or still being written by a call that hung, is left alone (BUSY).
+        def resolve() -> None:
+            if not future.done():
+                future.set_result((outcome, item))
+
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            loop.call_soon_threadsafe(resolve)
+
+    def attempt(self, item: Item) -> str:
+        """Try to write `item` once: DELIVERED, WAITING, UNAVAILABLE, NOT_FOUND or REJECTED.
+
+        Progress is saved by `settle`; a crash before it leaves the row leased, and whoever takes it
+        over checks the trace's assessments before writing again.
         """
-        if held:
-            return self._attempt(item)
-        with self._in_flight_lock:
-            if item.id in self._in_flight:
-                return BUSY
-            self._in_flight.add(item.id)
-        try:
-            return self._attempt(item)
-        finally:
-            self.release(item.id)
-
-    def _attempt(self, item: Item) -> str:
         problem = self._unreachable()
         if problem is not None:
             item.last_error = problem
@@ -177,15 +189,12 @@ class FeedbackDelivery:
                 if item.trace_id is None:
                     return self._not_found(item)
             done = written_under(item.trace_id, item.id) if item.maybe_written else {}
-            if not item.maybe_written:
-                item.maybe_written = True
-                self.outbox.save(item)
+            item.maybe_written = True  # until a definite "not written" (not found, rejected)
             for index in range(len(item.assessment_ids), len(item.assessments)):
                 assessment_id = done.get(index)
                 if assessment_id is None:
                     assessment_id = log_feedback(item.trace_id, item.assessments[index], item.source_id, item.id, index)
                 item.assessment_ids.append(assessment_id)
-                self.outbox.save(item)
         except Exception as exc:
             return self._failed(item, exc)
         self._last_answer = time.monotonic()
@@ -194,24 +203,21 @@ class FeedbackDelivery:
         self.delivered += 1
         return DELIVERED
 
-    def settle(self, item: Item, outcome: str, release: bool = False) -> None:
-        """Save an attempted item and hand it to the background thread if it is still pending
-        (ending a request's `hold` on it if `release`)."""
-        if release:
-            self.release(item.id)
-        if outcome == BUSY:
-            return
+    def settle(self, item: Item, outcome: str) -> None:
+        """Save an attempted item, schedule it again if it is still pending, and tell its request."""
         if outcome == WAITING:
             age = time.time() - (item.not_found_since or time.time())
             self.outbox.save(item, next_at=time.time() + min(max(age / 4, 0.25), 5.0))
         elif outcome == UNAVAILABLE:
             self.outbox.save(item, next_at=time.time() + self._backoff())
         else:
-            if item.state == FAILED:
+            with self._waiters_lock:
+                answered_404 = outcome == NOT_FOUND and item.id in self._waiters  # its request says so
+            if item.state == FAILED and not answered_404:
                 self.failed += 1
                 logger.warning("feedback %s for trace %s failed: %s", item.id, item.trace_id, item.last_error)
             self.outbox.save(item, next_at=time.time())
-        self._wake.set()
+        self._report(item, outcome)
 
     def _resolve(self, client_request_id: str) -> str | None:
         trace_id = self._recent.trace_for(client_request_id)
@@ -284,10 +290,6 @@ class FeedbackDelivery:
 
     def _backoff(self) -> float:
         return float(_BACKOFF[min(max(self._failures - 1, 0), len(_BACKOFF) - 1)])
-
-    def suspect(self) -> None:
-        """A call hung: check the server is there before the next one."""
-        self._suspect = True
 
     @property
     def reachable(self) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 from .config import Settings
 from .delivery import WAITING, FeedbackDelivery
 from .feedback_models import FeedbackRequest, to_assessments
-from .feedback_writer import NOT_FOUND, REJECTED, UNAVAILABLE
+from .feedback_writer import NOT_FOUND, REJECTED
 from .ids import clean_principal_id
 from .outbox import DELIVERED, Item
 from .registry import RecentTraces
@@ -28,8 +27,6 @@ from .tracing import MlflowBackend, logger
 
 ANONYMOUS = "anonymous"
 _ID_FIELDS = ("trace_id", "client_request_id")
-_FIRST_DELAY, _MAX_DELAY = 0.05, 1.0
-_CALL_TIMEOUT = 5.0  # an MLflow call slower than this while a client waits: answer 202, let it finish alone
 _FEEDBACK_ID = re.compile(r"fb-[0-9a-f]{32}")
 
 
@@ -53,8 +50,9 @@ def _reject_constant(name: str) -> None:
 class FeedbackRoutes:
     """An ASGI app answering requests under `settings.feedback_path`.
 
-    Outbox reads and writes (local sqlite) go to the default thread pool, MLflow calls to the backend's:
-    tracking-server calls stuck in MLflow's retries must not keep feedback from being accepted.
+    Outbox reads and writes (local sqlite) go to the default thread pool; MLflow calls happen only on
+    the delivery thread, so tracking-server calls stuck in MLflow's retries never keep feedback from
+    being accepted.
 
     ``POST {path}`` takes feedback; ``GET {path}/health`` reports the backend and the outbox;
     ``GET {path}/<feedback_id>`` tells what became of one accepted feedback.
@@ -159,18 +157,24 @@ class FeedbackRoutes:
         item = Item(
             self._delivery.destination, trace_id, feedback.client_request_id, source_id, assessments, issued_here
         )
+        await self._backend.ready(self._settings.startup_timeout_seconds)  # a search needs the experiment
         # A trace this process issued is worth queueing for; any other ID is waited for here, until MLflow
         # has it or has said "not found" for `feedback_wait_seconds`, so a made-up ID gets its 404.
-        budget = self._settings.feedback_sync_seconds if issued_here else None
+        wait = self._settings.feedback_sync_seconds if issued_here else self._settings.feedback_wait_seconds + 10
+        outcome_future = self._delivery.expect(item.id, asyncio.get_running_loop())
         try:
-            lease = budget if budget is not None else self._settings.feedback_wait_seconds + _CALL_TIMEOUT
-            await asyncio.to_thread(self._delivery.accept, item, lease)
-        except Exception:
-            logger.error("could not store feedback in the outbox at %s", self._delivery.outbox.path, exc_info=True)
-            return _error(503, "the feedback store is unavailable; try again later")
-        self._delivery.start()
-        await self._backend.ready(self._settings.startup_timeout_seconds)  # a search needs the experiment
-        outcome = await self._deliver_inline(item, budget)
+            try:
+                await asyncio.to_thread(self._delivery.accept, item)
+            except Exception:
+                logger.error("could not store feedback in the outbox at %s", self._delivery.outbox.path, exc_info=True)
+                return _error(503, "the feedback store is unavailable; try again later")
+            self._delivery.start()
+            try:
+                outcome, item = await asyncio.wait_for(outcome_future, wait)
+            except TimeoutError:
+                outcome = WAITING  # still pending: the background thread goes on with it
+        finally:
+            self._delivery.forget(item.id)
         recorded = {a.name: a.value for a in assessments}
         if outcome == DELIVERED:
             return JSONResponse(
@@ -201,34 +205,6 @@ class FeedbackRoutes:
             status_code=202,
             headers={"Location": status_url},
         )
-
-    async def _deliver_inline(self, item: Item, budget: float | None) -> str:
-        """Try to deliver `item` while its request waits, up to `budget` seconds (None: until MLflow
-        answers something other than "not found yet"); the last outcome.
-
-        Whatever is still pending afterwards belongs to the background thread. A call that outlives the
-        budget (a server that went away mid-call) is left to finish there, and settles the item itself.
-        """
-        deadline = time.monotonic() + budget if budget is not None else float("inf")
-        delay = _FIRST_DELAY
-        self._delivery.hold(item.id)  # the background thread keeps off it meanwhile
-        while True:
-            future = self._backend.submit(self._delivery.attempt, item, True)
-            try:
-                outcome = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), _CALL_TIMEOUT)
-            except TimeoutError:
-                self._delivery.suspect()
-                future.add_done_callback(lambda done: self._delivery.settle(item, done.result(), release=True))
-                return UNAVAILABLE
-            if outcome == WAITING and time.monotonic() + delay < deadline:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_DELAY)
-                continue
-            if outcome not in (NOT_FOUND, REJECTED) or item.assessment_ids:
-                await asyncio.to_thread(self._delivery.settle, item, outcome, True)
-            else:
-                self._delivery.release(item.id)
-            return outcome
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
         limit = self._settings.max_feedback_body_bytes

@@ -135,7 +135,7 @@ class Outbox:
             self._conn.close()
 
     def add(self, item: Item, lease_seconds: float) -> None:
-        """Store `item`, leased to this process for `lease_seconds` (it tries to deliver it first)."""
+        """Store `item`, leased to this process for `lease_seconds` (it delivers it, unless it dies)."""
         now = time.time()
         with self._tx() as db:
             db.execute(
@@ -190,14 +190,14 @@ class Outbox:
         """Lease up to `limit` due pending items of `destination` to this process, oldest first.
 
         `everything` takes items not due yet too (a last try at shutdown); `after` skips seq numbers up to it.
-        Leased items are skipped, this process's own too: a request is still trying them inline.
+        Items leased to another process are skipped until their lease runs out.
         """
         now = time.time()
         with self._tx() as db:
             rows = db.execute(
                 "SELECT * FROM feedback_outbox WHERE destination=? AND state='pending' AND next_at<=? AND seq>?"
-                " AND (owner IS NULL OR lease_until<?) ORDER BY seq LIMIT ?",
-                (destination, float("inf") if everything else now, after, now, limit),
+                " AND (owner IS NULL OR owner=? OR lease_until<?) ORDER BY seq LIMIT ?",
+                (destination, float("inf") if everything else now, after, self.owner, now, limit),
             ).fetchall()
             columns = [c[0] for c in db.execute("SELECT * FROM feedback_outbox LIMIT 0").description]
             items = [_item(dict(zip(columns, row, strict=True))) for row in rows]
@@ -244,9 +244,9 @@ class Outbox:
         """When the earliest pending item of `destination` falls due (wall-clock), or None if none is pending."""
         with self._tx() as db:
             row = db.execute(
-                "SELECT MIN(MAX(next_at, COALESCE(lease_until, 0))) FROM feedback_outbox"
-                " WHERE destination=? AND state='pending'",
-                (destination,),
+                "SELECT MIN(CASE WHEN owner IS NULL OR owner=? THEN next_at ELSE MAX(next_at, lease_until) END)"
+                " FROM feedback_outbox WHERE destination=? AND state='pending'",
+                (self.owner, destination),
             ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 

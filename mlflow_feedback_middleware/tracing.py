@@ -81,10 +81,6 @@ class MlflowBackend:
         """Run a blocking MLflow call on the backend's threads and await its result."""
         return await asyncio.wrap_future(self._executor.submit(fn, *args))
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Start a blocking MLflow call on the backend's threads."""
-        return self._executor.submit(fn, *args)
-
     def _resolve(self) -> str | None:
         try:
             uri = mlflow.get_tracking_uri()
