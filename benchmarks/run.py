@@ -178,6 +178,8 @@ FEEDBACK_COLUMNS = [
     ("p99_stall_ms", "p99 lag ms", ".1f"),
     ("longest_step_ms", "longest step ms", ".1f"),
     ("steps_over_5ms", "steps >5ms", ".0f"),
+    ("longest_gc_ms", "longest GC ms", ".1f"),
+    ("gc_over_5ms", "GCs >5ms", ".0f"),
 ]
 MEMORY_COLUMNS = [("warm_mb", "warm MB", ".1f"), ("end_mb", "end MB", ".1f"), ("growth", "growth", ".1%")]
 TTFB_COLUMNS = [("ttfb_ms_median", "TTFB ms", ".2f"), ("ttfb_ms_p90", "p90 ms", ".2f")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -127,11 +128,14 @@ async def inproc(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+_FEEDBACK_WARMUP = 5
+
+
 async def feedback_burst(args: argparse.Namespace) -> dict[str, Any]:
     """Event-loop lag while `n` feedback posts are in flight at once, and their throughput."""
     app = VARIANTS[args.variant](args.experiment_name, args.experiment_id, args.tracking_uri)
     trace_ids = []
-    for _ in range(args.n):
+    for _ in range(args.n + _FEEDBACK_WARMUP):
         status, _ = await call(app, "/chat")
         assert status == 200
     # The trace IDs: the bench app's body has none, so read them from the store once exported.
@@ -162,6 +166,11 @@ async def feedback_burst(args: argparse.Namespace) -> dict[str, Any]:
         status, _ = await call(app, "/feedback", feedback, f"trace_id={trace_id}".encode())
         return status
 
+    # As in the other modes, the first calls (lazy imports, thread and pool start-up) are not measured.
+    for trace_id in trace_ids[:_FEEDBACK_WARMUP]:
+        await post(trace_id)
+    trace_ids = trace_ids[_FEEDBACK_WARMUP:]
+
     # The ticker's lag counts everything that ran on the loop, including 500 tasks made ready at once by
     # the burst itself. asyncio's debug mode times each step of each task alone: the longest step is
     # the longest the library itself held the loop.
@@ -175,18 +184,31 @@ async def feedback_burst(args: argparse.Namespace) -> dict[str, Any]:
                 # BENCH_SHOW_SLOW=1 names the slow steps: trivial timer callbacks among them mean the
                 # loop thread was waiting for the GIL, not running slow code.
                 if os.environ.get("BENCH_SHOW_SLOW") and float(match.group(1)) > 0.02:
-                    print(record.getMessage()[:300], file=sys.stderr)
+                    print(record.getMessage()[:200], "...", record.getMessage()[-120:], file=sys.stderr)
 
     logging.getLogger("asyncio").addHandler(SlowSteps())
     loop = asyncio.get_running_loop()
     loop.set_debug(True)
     loop.slow_callback_duration = 0.001
+    # Garbage-collector pauses stop every thread, the loop's too; timed apart, they are not the library's
+    # steps (though its allocations add to what triggers them).
+    gc_pauses: list[float] = []
+    gc_started = [0.0]
+
+    def time_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        else:
+            gc_pauses.append(time.perf_counter() - gc_started[0])
+
+    gc.callbacks.append(time_gc)
     tick = asyncio.create_task(ticker())
     started = time.perf_counter()
     statuses = await asyncio.gather(*(post(t) for t in trace_ids))
     elapsed = time.perf_counter() - started
     running = False
     await tick
+    gc.callbacks.remove(time_gc)
     loop.set_debug(False)
     lags.sort()
     return {
@@ -197,6 +219,8 @@ async def feedback_burst(args: argparse.Namespace) -> dict[str, Any]:
         "p99_stall_ms": lags[int(len(lags) * 0.99)] * 1000,
         "longest_step_ms": max(steps, default=0.0) * 1000,
         "steps_over_5ms": sum(step > 0.005 for step in steps),
+        "longest_gc_ms": max(gc_pauses, default=0.0) * 1000,
+        "gc_over_5ms": sum(pause > 0.005 for pause in gc_pauses),
     }
 
 
