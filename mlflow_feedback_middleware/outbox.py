@@ -200,10 +200,14 @@ class Outbox:
                 (destination, float("inf") if everything else now, after, self.owner, now, limit),
             ).fetchall()
             columns = [c[0] for c in db.execute("SELECT * FROM feedback_outbox LIMIT 0").description]
-            items = [_item(dict(zip(columns, row, strict=True))) for row in rows]
+            records = [dict(zip(columns, row, strict=True)) for row in rows]
+            items = [_item(r) for r in records]
+            for record, item in zip(records, items, strict=True):
+                if record["owner"] not in (None, self.owner):
+                    item.maybe_written = True  # its owner may have died mid-write: check before writing
             db.executemany(
-                "UPDATE feedback_outbox SET owner=?, lease_until=? WHERE id=?",
-                [(self.owner, now + LEASE_SECONDS, i.id) for i in items],
+                "UPDATE feedback_outbox SET owner=?, lease_until=?, maybe_written=? WHERE id=?",
+                [(self.owner, now + LEASE_SECONDS, int(i.maybe_written), i.id) for i in items],
             )
         return items
 
@@ -219,8 +223,9 @@ class Outbox:
             ]
             freed = 0
             for owner in dead:
+                # It may have died mid-write: whoever takes these checks the trace before writing again.
                 freed += db.execute(
-                    "UPDATE feedback_outbox SET owner=NULL, lease_until=NULL WHERE owner=?", (owner,)
+                    "UPDATE feedback_outbox SET owner=NULL, lease_until=NULL, maybe_written=1 WHERE owner=?", (owner,)
                 ).rowcount
         return freed
 

@@ -19,7 +19,7 @@ from mlflow.tracing.trace_manager import InMemoryTraceManager
 
 from mlflow_feedback_middleware.feedback_models import Assessment
 from mlflow_feedback_middleware.feedback_writer import FEEDBACK_ID_KEY, log_feedback
-from mlflow_feedback_middleware.outbox import Item
+from mlflow_feedback_middleware.outbox import Item, Outbox
 
 from .apps import build_app
 from .support import (
@@ -133,8 +133,8 @@ def test_feedback_to_another_replica_is_written_once(
 
 @pytest.mark.anyio
 async def test_replay_after_a_crash_mid_write_adds_no_second_assessment(experiment_name: str) -> None:
-    """A process died after MLflow stored the first of two assessments but before the outbox knew:
-    the replay finds it by its feedback ID and writes only the second."""
+    """A process died after MLflow stored the first of two assessments but before its outbox row said
+    so: whoever takes the row over finds that one by its feedback ID and writes only the second."""
     app = build_app(experiment_name=experiment_name)
     async with client_for(app) as client:
         trace_id = (await client.post("/chat", json={"message": "hi"})).headers[TRACE_HEADER]
@@ -151,17 +151,19 @@ async def test_replay_after_a_crash_mid_write_adds_no_second_assessment(experime
         [Assessment("user_feedback", True), Assessment("user_accuracy", 0.8)],
         issued_here=True,
     )
-    delivery.outbox.add(item, lease_seconds=0)
+    crashed = Outbox(delivery.outbox.path)  # another process's handle on the same file
+    crashed.add(item, lease_seconds=0)  # its lease has run out, as a dead owner's does
     log_feedback(trace_id, item.assessments[0], "dora", item.id, 0)  # the write the crash interrupted
-    item.maybe_written = True
-    delivery.outbox.save(item, next_at=0.0)  # lease released, as by a dead owner
     delivery.start()
     delivery.wake()
 
     mlflow_client = TracingClient()
-    wait_until(lambda: len(written(mlflow_client, trace_id, item.id)) == 2, 30, "the replay did not deliver")
-    stored = delivery.outbox.get(item.id)
-    assert stored is not None and stored.state == "delivered"
+    stored = wait_until(
+        lambda: (row := delivery.outbox.get(item.id)) is not None and row.state == "delivered" and row,
+        30,
+        "the replay did not deliver",
+    )
+    assert stored.assessment_ids[0] is not None
     names = sorted(a.name for a in written(mlflow_client, trace_id, item.id))
     assert names == ["user_accuracy", "user_feedback"]
 
