@@ -230,10 +230,14 @@ class Outbox:
         return freed
 
     def release_mine(self) -> None:
-        """Hand this process's leased items back, e.g. at shutdown, so a successor takes them at once."""
+        """Hand this process's leased items back, e.g. at shutdown, so a successor takes them at once.
+
+        One may be in a call that has not returned yet: the successor checks the trace before writing.
+        """
         with self._tx() as db:
             db.execute(
-                "UPDATE feedback_outbox SET owner=NULL, lease_until=NULL WHERE owner=? AND state='pending'",
+                "UPDATE feedback_outbox SET owner=NULL, lease_until=NULL, maybe_written=1"
+                " WHERE owner=? AND state='pending'",
                 (self.owner,),
             )
 
