@@ -104,7 +104,8 @@ class MlflowFeedbackMiddleware:
         self.backend = MlflowBackend(tracking_uri, experiment_name, settings.mlflow_threads, export)
         self.recent = RecentTraces()
         self.delivery = FeedbackDelivery(
-            _open_outbox(settings.outbox_path),
+            # Without feedback routes nothing is ever queued: no file to create.
+            _open_outbox(settings.outbox_path if settings.feedback_path is not None else None),
             self.backend,
             self.recent,
             _destination(experiment_name),
