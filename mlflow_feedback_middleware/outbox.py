@@ -111,6 +111,7 @@ class Outbox:
         self._conn = sqlite3.connect(
             self.path or ":memory:", timeout=10.0, isolation_level=None, check_same_thread=False
         )
+        self._conn.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         if self.path is not None:
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -199,11 +200,9 @@ class Outbox:
                 " AND (owner IS NULL OR owner=? OR lease_until<?) ORDER BY seq LIMIT ?",
                 (destination, float("inf") if everything else now, after, self.owner, now, limit),
             ).fetchall()
-            columns = [c[0] for c in db.execute("SELECT * FROM feedback_outbox LIMIT 0").description]
-            records = [dict(zip(columns, row, strict=True)) for row in rows]
-            items = [_item(r) for r in records]
-            for record, item in zip(records, items, strict=True):
-                if record["owner"] not in (None, self.owner):
+            items = [_item(row) for row in rows]
+            for row, item in zip(rows, items, strict=True):
+                if row["owner"] not in (None, self.owner):
                     item.maybe_written = True  # its owner may have died mid-write: check before writing
             db.executemany(
                 "UPDATE feedback_outbox SET owner=?, lease_until=?, maybe_written=? WHERE id=?",
@@ -244,10 +243,8 @@ class Outbox:
     def get(self, item_id: str) -> Item | None:
         """The item with that ID, if the outbox still has it."""
         with self._tx() as db:
-            cursor = db.execute("SELECT * FROM feedback_outbox WHERE id=?", (item_id,))
-            row = cursor.fetchone()
-            columns = [c[0] for c in cursor.description]
-        return _item(dict(zip(columns, row, strict=True))) if row else None
+            row = db.execute("SELECT * FROM feedback_outbox WHERE id=?", (item_id,)).fetchone()
+        return _item(row) if row else None
 
     def next_due(self, destination: str) -> float | None:
         """When the earliest pending item of `destination` falls due (wall-clock), or None if none is pending."""
@@ -290,7 +287,7 @@ def _assessment_json(a: Assessment) -> dict[str, Any]:
     return {"name": a.name, "value": a.value, "rationale": a.rationale, "metadata": a.metadata}
 
 
-def _item(row: dict[str, Any]) -> Item:
+def _item(row: sqlite3.Row) -> Item:
     return Item(
         id=row["id"],
         seq=row["seq"],
