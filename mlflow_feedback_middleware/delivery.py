@@ -9,7 +9,7 @@ appears, or after `MAX_ATTEMPTS` server errors. "Trace not found" is normal for 
 traces seconds after they end, and not at all while a stream is still open. How long it is tolerated
 depends on whether this service issued the trace (`known_wait`) or not (`unknown_wait`).
 
-While the tracking server is unreachable, delivery stops and backs off (1 s up to 60 s); items keep
+While the tracking server is unreachable (`ServerWatch`), delivery stops and backs off; items keep
 their order and wait in the outbox, which survives restarts.
 """
 
@@ -23,8 +23,6 @@ import threading
 import time
 from typing import Any
 
-import mlflow
-
 from .export import flush_exports
 from .feedback_writer import (
     NOT_FOUND,
@@ -32,22 +30,19 @@ from .feedback_writer import (
     UNAVAILABLE,
     classify,
     log_feedback,
-    probe,
     search_trace_id,
     written_under,
 )
 from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
 from .registry import RecentTraces
+from .server_watch import ServerWatch
 from .tracing import MlflowBackend
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
 WAITING = "waiting"  # the trace is not in MLflow yet; try again soon
 MAX_ATTEMPTS = 20
-_BACKOFF = (1, 2, 5, 10, 30, 60)
 _POLL_SECONDS = 5.0  # picks up items other processes left behind, and expired leases
-_PROBE_TIMEOUT = 2.0
-_TRUST_SECONDS = 5.0  # after this long without an answer from the server, probe before calling it
 _BATCH = 20
 _RETENTION_SECONDS = 7 * 24 * 3600
 _exports_flushed_at_exit = False
@@ -80,11 +75,7 @@ class FeedbackDelivery:
         self._start_lock = threading.Lock()
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[tuple[str, Item]]]] = {}
         self._waiters_lock = threading.Lock()
-        self._suspect = False  # a call failed or hung: probe the server before the next one
-        self._last_answer = 0.0  # monotonic time of the server's last answer
-        self._failures = 0
-        self._down_until = 0.0
-        self.last_error: str | None = None
+        self._server = ServerWatch(lambda: backend.unreachable)
         self.delivered = 0
         self.failed = 0
 
@@ -178,7 +169,7 @@ class FeedbackDelivery:
         Progress is saved by `settle`; a crash before it leaves the row leased, and whoever takes it
         over checks the trace's assessments before writing again.
         """
-        problem = self._unreachable()
+        problem = self._server.problem()
         if problem is not None:
             item.last_error = problem
             return UNAVAILABLE
@@ -197,8 +188,7 @@ class FeedbackDelivery:
                 item.assessment_ids.append(assessment_id)
         except Exception as exc:
             return self._failed(item, exc)
-        self._last_answer = time.monotonic()
-        self._suspect = False
+        self._server.answered()
         item.state, item.last_error = DELIVERED, None
         self.delivered += 1
         return DELIVERED
@@ -209,7 +199,7 @@ class FeedbackDelivery:
             age = time.time() - (item.not_found_since or time.time())
             self.outbox.save(item, next_at=time.time() + min(max(age / 4, 0.25), 5.0))
         elif outcome == UNAVAILABLE:
-            self.outbox.save(item, next_at=time.time() + self._backoff())
+            self.outbox.save(item, next_at=time.time() + self._server.backoff())
         else:
             with self._waiters_lock:
                 answered_404 = outcome == NOT_FOUND and item.id in self._waiters  # its request says so
@@ -243,58 +233,19 @@ class FeedbackDelivery:
     def _failed(self, item: Item, exc: Exception) -> str:
         kind = classify(exc)
         if kind != UNAVAILABLE:
-            self._last_answer = time.monotonic()
+            self._server.answered()
         if kind == NOT_FOUND:
             return self._not_found(item)
         item.last_error = f"{type(exc).__name__}: {exc}"[:500]
         if kind == REJECTED:
             item.state = FAILED
             return REJECTED
-        self._suspect = True
+        self._server.call_failed()
         item.attempts += 1
         if item.attempts >= MAX_ATTEMPTS:
             item.state = FAILED
             return REJECTED
         return UNAVAILABLE
-
-    # -- reachability ------------------------------------------------------------------------------
-
-    def _unreachable(self) -> str | None:
-        """Why the tracking server cannot take feedback now, or None.
-
-        Probes after trouble, or when the server has not answered for a while: a server gone since would
-        hold the next call in MLflow's retries for minutes.
-        """
-        if not self._suspect and time.monotonic() - self._last_answer < _TRUST_SECONDS:
-            return None
-        if time.monotonic() < self._down_until:
-            return self.last_error
-        try:
-            problem = probe(mlflow.get_tracking_uri(), _PROBE_TIMEOUT)
-        except Exception as exc:  # no tracking URI at all
-            problem = str(exc)
-        if problem is None:
-            self._last_answer = time.monotonic()
-            if self._failures:
-                logger.warning("MLflow tracking server is reachable again; delivering queued feedback")
-            self._suspect, self._failures, self.last_error = False, 0, None
-            return None
-        if self._failures == 0:
-            # One warning per outage: the tracing side may have given it already.
-            level = logging.INFO if self._backend.unreachable else logging.WARNING
-            logger.log(level, "MLflow tracking server unreachable (%s); feedback waits in the outbox", problem)
-        self._failures += 1
-        self._down_until = time.monotonic() + self._backoff()
-        self.last_error = problem
-        return problem
-
-    def _backoff(self) -> float:
-        return float(_BACKOFF[min(max(self._failures - 1, 0), len(_BACKOFF) - 1)])
-
-    @property
-    def reachable(self) -> bool:
-        """Whether the last contact with the tracking server worked."""
-        return self._failures == 0
 
     # -- background --------------------------------------------------------------------------------
 
@@ -324,8 +275,8 @@ class FeedbackDelivery:
             due = self.outbox.next_due(self.destination)
             if due is None or (due > time.time() and not everything):
                 break  # nothing to deliver: no reason to contact the server
-            if self._unreachable() is not None:
-                return max(self._down_until - time.monotonic(), 0.05)
+            if self._server.problem() is not None:
+                return self._server.retry_in()
             items = self.outbox.claim(self.destination, _BATCH, everything, after=last_seq)
             if not items:
                 break
@@ -336,7 +287,7 @@ class FeedbackDelivery:
                 if outcome == UNAVAILABLE:  # keep the order: nothing after it goes first
                     for rest in items[index + 1 :]:
                         self.outbox.save(rest, next_at=time.time())
-                    return self._backoff()
+                    return self._server.backoff()
         due = self.outbox.next_due(self.destination)
         return _POLL_SECONDS if due is None else min(max(due - time.time(), 0.05), _POLL_SECONDS)
 
@@ -347,8 +298,8 @@ class FeedbackDelivery:
             "tracing_disabled": self._backend.disabled_reason,
             "traces_issued": self._recent.issued,
             **self._backend.losses.snapshot(),
-            "reachable": self.reachable,
-            "last_error": self.last_error,
+            "reachable": self._server.reachable,
+            "last_error": self._server.last_error,
             "outbox": {
                 "path": self.outbox.path,
                 **self.outbox.stats(self.destination),

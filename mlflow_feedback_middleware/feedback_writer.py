@@ -8,10 +8,6 @@ are read and those already written under that ID are kept instead of written twi
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
-from urllib.parse import urlparse
-
 import mlflow
 from mlflow.entities import AssessmentSource
 from mlflow.exceptions import MlflowException
@@ -32,23 +28,6 @@ def classify(exc: BaseException) -> str:
         if exc.error_code == "INVALID_PARAMETER_VALUE":
             return REJECTED
     return UNAVAILABLE
-
-
-def probe(tracking_uri: str, timeout: float) -> str | None:
-    """None if the tracking server answers HTTP at all, else why not.
-
-    MLflow's own client retries a refused connection for about four minutes; probing first keeps a
-    delivery pass during an outage to `timeout` seconds. Non-HTTP URIs (Databricks) are not probed.
-    """
-    if urlparse(tracking_uri).scheme not in ("http", "https"):
-        return None
-    try:
-        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
-            return None
-    except urllib.error.HTTPError:  # it answered, if only to refuse us: reachable
-        return None
-    except (OSError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
 
 
 def log_feedback(trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int) -> str | None:
