@@ -314,3 +314,16 @@ async def test_health_reports_backend_and_outbox(experiment_name: str) -> None:
     health = response.json()
     assert health["status"] == "ok" and health["reachable"] is True and health["traces_issued"] == 1
     assert health["outbox"]["pending"] == 0 and health["outbox"]["oldest_pending_seconds"] is None
+
+
+async def test_unwritable_outbox_falls_back_to_memory(experiment_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A read-only disk must not keep the service from starting: one ERROR, and feedback still works."""
+    unwritable = "/proc/no-such-dir/outbox.db"
+    app = build_app(experiment_name=experiment_name, outbox_path=unwritable, feedback_sync_seconds=30)
+    async with client_for(app) as client:  # Starlette builds the middleware at the first request
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        response = await client.post(f"/feedback?trace_id={trace_id}", json={"is_correct": True})
+        health = (await client.get("/feedback/health")).json()
+    assert any("cannot open the feedback outbox" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert response.status_code == 200, response.text
+    assert health["outbox"]["path"] is None and health["outbox"]["delivered"] == 1
