@@ -1,9 +1,9 @@
-"""The MLflow calls behind feedback delivery: blocking, run on the backend's threads, never the event loop.
+"""The MLflow calls behind feedback delivery: blocking, made by the delivery thread, never the event loop.
 
 Each assessment carries its outbox item's ID and its index in the item in metadata (`FEEDBACK_ID_KEY`,
-``fb-<hex>/<index>``), which is what makes a
-replay idempotent: before writing again after an attempt of unknown outcome, the trace's assessments
-are read and those already written under that ID are kept instead of written twice.
+``fb-<hex>/<index>``), which is what makes a replay idempotent: before writing again after an attempt of
+unknown outcome, the trace's assessments are read and those already written under that ID are kept
+instead of written twice.
 """
 
 from __future__ import annotations
