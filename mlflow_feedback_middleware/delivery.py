@@ -133,7 +133,7 @@ class FeedbackDelivery:
     def accept(self, item: Item) -> None:
         """Store `item` durably before its request is answered, leased to this process, and wake the thread."""
         self.outbox.add(item, LEASE_SECONDS)
-        self._wake.set()
+        self.wake()
 
     def expect(self, item_id: str, loop: asyncio.AbstractEventLoop) -> asyncio.Future[tuple[str, Item]]:
         """A future resolved (on `loop`) with the outcome of the item's first decisive attempt:

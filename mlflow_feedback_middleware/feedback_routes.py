@@ -27,6 +27,9 @@ from .tracing import MlflowBackend, logger
 
 ANONYMOUS = "anonymous"
 _ID_FIELDS = ("trace_id", "client_request_id")
+# The delivery thread gives its "not found" verdict after `feedback_wait_seconds` plus its last retry
+# delay (up to 5 s) and one call; past this margin the request stops waiting and answers 202.
+_VERDICT_MARGIN_SECONDS = 10.0
 _FEEDBACK_ID = re.compile(r"fb-[0-9a-f]{32}")
 
 
@@ -160,7 +163,11 @@ class FeedbackRoutes:
         await self._backend.ready(self._settings.startup_timeout_seconds)  # a search needs the experiment
         # A trace this process issued is worth queueing for; any other ID is waited for here, until MLflow
         # has it or has said "not found" for `feedback_wait_seconds`, so a made-up ID gets its 404.
-        wait = self._settings.feedback_sync_seconds if issued_here else self._settings.feedback_wait_seconds + 10
+        wait = (
+            self._settings.feedback_sync_seconds
+            if issued_here
+            else self._settings.feedback_wait_seconds + _VERDICT_MARGIN_SECONDS
+        )
         outcome_future = self._delivery.expect(item.id, asyncio.get_running_loop())
         try:
             try:
