@@ -3,18 +3,30 @@
 app.add_middleware(MlflowFeedbackMiddleware)
 """
 
-from .config import DEFAULT_EXCLUDE_PATHS
-from .context import get_client_request_id, get_trace_id
+from .config import DEFAULT_EXCLUDE_PATHS, DEFAULT_REDACT_FIELDS
+from .context import get_client_request_id, get_feedback_token, get_trace_id
 from .feedback_models import FeedbackRequest
+from .identity import AuthenticatedUserOrHeader, IdentityResolver
+from .limits import FeedbackLimits, RateLimit
 from .middleware import MlflowFeedbackMiddleware
+from .tokens import FeedbackGrant, FeedbackTokens, TokenError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_EXCLUDE_PATHS",
+    "DEFAULT_REDACT_FIELDS",
+    "AuthenticatedUserOrHeader",
+    "FeedbackGrant",
+    "FeedbackLimits",
     "FeedbackRequest",
+    "FeedbackTokens",
+    "IdentityResolver",
     "MlflowFeedbackMiddleware",
+    "RateLimit",
+    "TokenError",
     "__version__",
     "get_client_request_id",
+    "get_feedback_token",
     "get_trace_id",
 ]

@@ -62,3 +62,25 @@ class BodyCapture:
         if self.truncated:
             return f"{text}... [truncated: {self.size} bytes in all]"
         return text
+
+
+REDACTED = "[REDACTED]"
+
+
+def normalise_field(name: str) -> str:
+    """How field names are compared for redaction: case-insensitive, with '-' the same as '_'."""
+    return name.lower().replace("-", "_")
+
+
+def redact(value: Any, fields: frozenset[str]) -> Any:
+    """`value` with the values of every key in `fields` (normalised names), at any depth, replaced."""
+    if not fields:
+        return value
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if isinstance(k, str) and normalise_field(k) in fields else redact(v, fields)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v, fields) for v in value]
+    return value

@@ -12,6 +12,7 @@ class RequestIds:
 
     trace_id: str
     client_request_id: str
+    feedback_token: str | None = None
 
 
 current_ids: ContextVar[RequestIds | None] = ContextVar("mlflow_feedback_request_ids", default=None)
@@ -27,3 +28,9 @@ def get_client_request_id() -> str | None:
     """The client request ID of the request being handled, or None outside a traced request."""
     ids = current_ids.get()
     return ids.client_request_id if ids else None
+
+
+def get_feedback_token() -> str | None:
+    """The feedback token of the request being handled (None without a secret or outside a traced request)."""
+    ids = current_ids.get()
+    return ids.feedback_token if ids else None

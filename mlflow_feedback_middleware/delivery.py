@@ -31,8 +31,10 @@ from .feedback_writer import (
     classify,
     log_feedback,
     search_trace_id,
-    written_under,
+    trace_facts,
+    update_feedback,
 )
+from .identity import ANONYMOUS
 from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
 from .registry import RecentTraces
 from .server_watch import ServerWatch
@@ -130,10 +132,15 @@ class FeedbackDelivery:
 
     # -- one item ----------------------------------------------------------------------------------
 
-    def accept(self, item: Item) -> None:
-        """Store `item` durably before its request is answered, leased to this process, and wake the thread."""
-        self.outbox.add(item, LEASE_SECONDS)
-        self.wake()
+    def accept(self, item: Item) -> Item | None:
+        """Store `item` durably before its request is answered, leased to this process, and wake the thread.
+
+        Returns the item already stored under the same ID (an idempotent retry) instead, if there is one.
+        """
+        earlier = self.outbox.add(item, LEASE_SECONDS)
+        if earlier is None:
+            self.wake()
+        return earlier
 
     def expect(self, item_id: str, loop: asyncio.AbstractEventLoop) -> asyncio.Future[tuple[str, Item]]:
         """A future resolved (on `loop`) with the outcome of the item's first decisive attempt:
@@ -179,12 +186,30 @@ class FeedbackDelivery:
                 item.trace_id = self._resolve(item.client_request_id)
                 if item.trace_id is None:
                     return self._not_found(item)
-            done = written_under(item.trace_id, item.id) if item.maybe_written else {}
+            if not item.issued_here and self._backend.experiment_id is None:
+                self._backend.start_resolving()
+                raise ConnectionError("the MLflow experiment is not resolved yet")
+            # Reading the trace first costs a call, so it is skipped when nothing depends on it: an
+            # anonymous vote on a trace this service issued, in a first attempt.
+            user = None if item.source_id == ANONYMOUS else item.source_id
+            facts = (
+                trace_facts(item.trace_id, item.id, user)
+                if item.maybe_written or user is not None or not item.issued_here
+                else None
+            )
+            if facts is not None and not item.issued_here and facts.experiment_id != self._backend.experiment_id:
+                # Another service's trace on the same server: refused exactly as a made-up ID is.
+                item.state, item.last_error = FAILED, "trace not found in this service's experiment"
+                return NOT_FOUND
             item.maybe_written = True  # until a definite "not written" (not found, rejected)
             for index in range(len(item.assessment_ids), len(item.assessments)):
-                assessment_id = done.get(index)
-                if assessment_id is None:
-                    assessment_id = log_feedback(item.trace_id, item.assessments[index], item.source_id, item.id, index)
+                assessment = item.assessments[index]
+                assessment_id = facts.written.get(index) if facts else None
+                earlier = facts.earlier_votes.get(assessment.name) if facts else None
+                if assessment_id is None and earlier is not None:  # one vote per user and name
+                    assessment_id = update_feedback(item.trace_id, earlier, assessment, item.id, index)
+                elif assessment_id is None:
+                    assessment_id = log_feedback(item.trace_id, assessment, item.source_id, item.id, index)
                 item.assessment_ids.append(assessment_id)
         except Exception as exc:
             return self._failed(item, exc)

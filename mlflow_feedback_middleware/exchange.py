@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from mlflow.entities import LiveSpan
+from starlette.requests import HTTPConnection
 from starlette.types import Message, Receive, Scope, Send
 
 from .capture import BodyCapture, capture_for, media_type
@@ -67,13 +68,11 @@ class TracedExchange:
     async def run(self) -> None:
         mw, scope = self._mw, self.scope
         settings = mw.settings
-        request_id = user_id = session_id = None
+        request_id = session_id = None
         content_type = ""
         for name, value in scope["headers"]:
             if name == mw.request_id_header_key:
                 request_id = _header_value(value)
-            elif name == mw.user_id_header_key:
-                user_id = clean_principal_id(_header_value(value))
             elif name == mw.session_id_header_key:
                 session_id = clean_principal_id(_header_value(value))
             elif name == b"content-type":
@@ -91,12 +90,15 @@ class TracedExchange:
                 await mw.app(scope, self._app_receive, self._app_send)
                 return
             assert isinstance(span, LiveSpan)
-            self.ids = RequestIds(span.trace_id, request_id)
+            user_id = settings.user_of(HTTPConnection(scope))
+            feedback_token = mw.tokens.issue(span.trace_id, request_id, user_id) if mw.tokens else None
+            self.ids = RequestIds(span.trace_id, request_id, feedback_token)
             annotate_trace(span, request_id, user_id, session_id, mw.backend.otlp)
             mw.recent.add(span.trace_id, request_id)
             state = scope.setdefault("state", {})
             state["mlflow_trace_id"] = span.trace_id
             state["client_request_id"] = request_id
+            state["mlflow_feedback_token"] = feedback_token
             token = current_ids.set(self.ids)
             try:
                 await mw.app(scope, self.receive, self.send)
@@ -151,7 +153,7 @@ class TracedExchange:
         self.status = message["status"]
         headers: list[tuple[bytes, bytes]] = list(message.get("headers", ()))
         content_type = ""
-        fixed_or_encoded = has_trace_id = has_request_id = False
+        fixed_or_encoded = has_trace_id = has_request_id = has_token = False
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-type":
@@ -162,19 +164,20 @@ class TracedExchange:
                 has_trace_id = True
             elif lower == mw.request_id_header_key:
                 has_request_id = True
+            elif lower == mw.token_header_key:
+                has_token = True
+        ids = self.ids
         if not has_trace_id:
-            headers.append((mw.trace_id_header_key, self.ids.trace_id.encode()))
+            headers.append((mw.trace_id_header_key, ids.trace_id.encode()))
         if not has_request_id:
-            headers.append((mw.request_id_header_key, self.ids.client_request_id.encode()))
+            headers.append((mw.request_id_header_key, ids.client_request_id.encode()))
+        if ids.feedback_token is not None and not has_token:
+            headers.append((mw.token_header_key, ids.feedback_token.encode()))
         if media_type(content_type) == "text/event-stream" and not fixed_or_encoded and settings.sse_final_event:
-            self._sse = SseTrailer(
-                settings.sse_event_name,
-                {
-                    "type": "done",
-                    "trace_id": self.ids.trace_id,
-                    "client_request_id": self.ids.client_request_id,
-                },
-            )
+            event = {"type": "done", "trace_id": ids.trace_id, "client_request_id": ids.client_request_id}
+            if ids.feedback_token is not None:
+                event["feedback_token"] = ids.feedback_token
+            self._sse = SseTrailer(settings.sse_event_name, event)
         if settings.capture_response_body:
             self._response_body = capture_for(content_type, settings.max_capture_bytes)
         return {**message, "headers": headers}
@@ -229,13 +232,14 @@ class TracedExchange:
             inputs["query"] = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
         if self._request_body is not None and self._request_body.size:
             inputs["body"] = self._request_body.value()
+        inputs = self._mw.settings.redact(inputs)
         span.set_inputs(inputs)
         span.set_attribute("http.method", method)
         span.set_attribute("http.target", scope["path"])
 
         outputs: dict[str, Any] = {"status_code": self.status}
         if self._response_body is not None and self._response_body.size:
-            outputs["body"] = self._response_body.value()
+            outputs["body"] = self._mw.settings.redact(self._response_body.value())
         if self.status is not None:
             span.set_attribute("http.status_code", self.status)
 

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from .ids import is_valid_client_request_id, is_valid_trace_id
+from .limits import FeedbackLimits, json_size
 
 MAX_TEXT = 10_000
 MAX_ITEMS = 50
@@ -87,6 +88,25 @@ class FeedbackRequest(BaseModel):
         if self.is_correct is None and self.value is None and self.ratings is None:
             raise ValueError("no feedback given: send 'is_correct', 'name' with 'value', or 'ratings'")
         return self
+
+
+def limit_violations(request: FeedbackRequest, limits: FeedbackLimits) -> list[tuple[str, str]]:
+    """(field, message) for every configured cap the request exceeds (the model holds the hard caps)."""
+    out: list[tuple[str, str]] = []
+    for name in ("comment", "rationale", "value"):
+        text = getattr(request, name)
+        if isinstance(text, str) and len(text) > limits.max_text_chars:
+            out.append((name, f"is {len(text)} characters; at most {limits.max_text_chars} are accepted"))
+    if isinstance(request.value, list | dict) and json_size(request.value) > limits.max_value_bytes:
+        out.append(("value", f"is larger than {limits.max_value_bytes} bytes as JSON"))
+    if request.metadata is not None:
+        if len(request.metadata) > limits.max_metadata_entries:
+            out.append(("metadata", f"has {len(request.metadata)} entries; at most {limits.max_metadata_entries}"))
+        elif json_size(request.metadata) > limits.max_metadata_bytes:
+            out.append(("metadata", f"is larger than {limits.max_metadata_bytes} bytes as JSON"))
+    if request.ratings is not None and len(request.ratings) > limits.max_ratings:
+        out.append(("ratings", f"has {len(request.ratings)} dimensions; at most {limits.max_ratings}"))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

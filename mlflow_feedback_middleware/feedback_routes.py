@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import math
 import re
 from typing import Any
 
@@ -18,32 +20,47 @@ from starlette.types import Receive, Scope, Send
 
 from .config import Settings
 from .delivery import WAITING, FeedbackDelivery
-from .feedback_models import FeedbackRequest, to_assessments
+from .feedback_models import FeedbackRequest, limit_violations, to_assessments
 from .feedback_writer import NOT_FOUND, REJECTED
+from .identity import ANONYMOUS
 from .ids import clean_principal_id
+from .limits import RateLimiter
 from .outbox import DELIVERED, Item
 from .registry import RecentTraces
+from .tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .tracing import MlflowBackend, logger
 
-ANONYMOUS = "anonymous"
 _ID_FIELDS = ("trace_id", "client_request_id")
 # The delivery thread gives its "not found" verdict after `feedback_wait_seconds` plus its last retry
 # delay (up to 5 s) and one call; past this margin the request stops waiting and answers 202.
 _VERDICT_MARGIN_SECONDS = 10.0
 _FEEDBACK_ID = re.compile(r"fb-[0-9a-f]{32}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.field = status, message, field
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+    def response(self) -> JSONResponse:
+        errors = [{"field": self.field, "message": self.message}] if self.field else None
+        return _error(self.status, self.message, errors, self.headers)
 
 
-def _error(status: int, message: str, errors: list[dict[str, str]] | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body: dict[str, Any] = {"status": "error", "message": message}
     if errors:
         body["errors"] = errors
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _unauthorized(message: str) -> _BadRequest:
+    return _BadRequest(401, message, "feedback_token", {"WWW-Authenticate": 'MLflow-Feedback-Token realm="feedback"'})
 
 
 def _reject_constant(name: str) -> None:
@@ -67,7 +84,7 @@ class FeedbackRoutes:
         backend: MlflowBackend,
         recent: RecentTraces,
         delivery: FeedbackDelivery,
-        user_id_header_key: bytes,
+        tokens: FeedbackTokens | None,
     ) -> None:
         assert settings.feedback_path is not None
         self._path = settings.feedback_path
@@ -76,7 +93,9 @@ class FeedbackRoutes:
         self._backend = backend
         self._recent = recent
         self._delivery = delivery
-        self._user_header = user_id_header_key.decode()
+        self._tokens = tokens
+        self._token_header = settings.feedback_token_header
+        self._limiter = RateLimiter(settings.rate_limit) if settings.rate_limit is not None else None
 
     def handles(self, path: str) -> bool:
         """Whether `path` belongs to the feedback routes."""
@@ -91,8 +110,7 @@ class FeedbackRoutes:
             except ClientDisconnect:  # nobody left to answer, and nothing was written
                 return
             except _BadRequest as exc:
-                errors = [{"field": exc.field, "message": exc.message}] if exc.field else None
-                response = _error(exc.status, exc.message, errors)
+                response = exc.response()
         elif path == self._path:
             response = _error(405, "use POST to send feedback")
             response.headers["Allow"] = "POST"
@@ -117,6 +135,14 @@ class FeedbackRoutes:
         return JSONResponse({"status": "ok" if healthy else "degraded", **status}, status_code=200 if healthy else 503)
 
     async def _post(self, request: Request) -> JSONResponse:
+        if self._limiter is not None:
+            wait = self._limiter.take(request)
+            if wait > 0:  # before the body is read: a flood costs as little as possible
+                retry = str(math.ceil(wait))
+                raise _BadRequest(429, f"too many feedback requests; retry in {retry} s", None, {"Retry-After": retry})
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise _BadRequest(400, "Idempotency-Key must be 1-255 printable ASCII characters", "Idempotency-Key")
         data = await self._read_json(request)
         for field in (*_ID_FIELDS, "user_id"):
             query_value = request.query_params.get(field)
@@ -125,15 +151,8 @@ class FeedbackRoutes:
             if field in data and data[field] != query_value:
                 raise _BadRequest(400, f"'{field}' differs between the query string and the body", field)
             data[field] = query_value
-        user_id = data.pop("user_id", None)
-        if user_id is None:
-            user_id = request.headers.get(self._user_header)
-        source_id = ANONYMOUS
-        if user_id is not None:
-            cleaned = clean_principal_id(user_id) if isinstance(user_id, str) else None
-            if cleaned is None:
-                raise _BadRequest(422, "user_id must be 1-250 printable ASCII characters", "user_id")
-            source_id = cleaned
+        grant = self._grant(request.headers.get(self._token_header, data.pop("feedback_token", None)))
+        user = self._user(request, data.pop("user_id", None), grant)
         if data.get("trace_id") is not None and data.get("client_request_id") is not None:
             raise _BadRequest(400, "give either trace_id or client_request_id, not both", "trace_id")
 
@@ -147,34 +166,85 @@ class FeedbackRoutes:
             first = errors[0]
             return _error(422, f"invalid feedback: {first['field']}: {first['message']}", errors)
         if feedback.trace_id is None and feedback.client_request_id is None:
-            raise _BadRequest(422, "trace_id or client_request_id is required", "trace_id")
+            if grant is None:
+                raise _BadRequest(422, "trace_id or client_request_id is required", "trace_id")
+            feedback.trace_id = grant.trace_id
+        too_big = limit_violations(feedback, self._settings.feedback_limits)
+        if too_big:
+            errors = [{"field": field, "message": message} for field, message in too_big]
+            return _error(422, f"invalid feedback: {too_big[0][0]}: {too_big[0][1]}", errors)
 
+        trace_id = feedback.trace_id
+        if grant is not None:
+            if trace_id is not None and trace_id != grant.trace_id:
+                raise _BadRequest(403, "the feedback token was issued for another trace", "feedback_token")
+            if feedback.client_request_id is not None and feedback.client_request_id != grant.client_request_id:
+                raise _BadRequest(403, "the feedback token was issued for another request", "feedback_token")
+            trace_id = grant.trace_id  # signed by this service: no search needed
         assessments = to_assessments(feedback, self._settings.rating_scale[1])
         if self._backend.disabled_reason is not None:
             return _error(503, "MLflow tracing is disabled in this service, so no feedback can be stored")
-        trace_id = feedback.trace_id
         if trace_id is None:
             assert feedback.client_request_id is not None
             trace_id = self._recent.trace_for(feedback.client_request_id)
         issued_here = trace_id is not None and trace_id in self._recent
-        item = Item(
-            self._delivery.destination, trace_id, feedback.client_request_id, source_id, assessments, issued_here
-        )
+        crid = feedback.client_request_id
+        item = Item(self._delivery.destination, trace_id, crid, user or ANONYMOUS, assessments, issued_here)
+        if idempotency_key is not None:
+            # The same key from the same user always names the same item, in any process sharing the
+            # outbox, and the same assessments in MLflow (their metadata carries the item ID).
+            item.id = _idempotent_id(item.destination, item.source_id, idempotency_key)
         await self._backend.ready(self._settings.startup_timeout_seconds)  # a search needs the experiment
+        return await self._submit(item)
+
+    def _grant(self, token: object) -> FeedbackGrant | None:
+        """The permission a token carries; None when tokens are off. Raises 401 when it grants nothing."""
+        if self._tokens is None:
+            return None
+        if token is None:
+            raise _unauthorized(f"a feedback token is required: send the {self._token_header} header of the answer")
+        if not isinstance(token, str):
+            raise _unauthorized("the feedback token must be a string")
+        try:
+            return self._tokens.verify(token)
+        except TokenError as exc:
+            raise _unauthorized(exc.message) from None
+
+    def _user(self, request: Request, claimed: object, grant: FeedbackGrant | None) -> str | None:
+        """Who gives the feedback: the identity resolver's user, a `user_id` the request names, or the
+        token's user; any two that disagree are refused."""
+        resolved = self._settings.user_of(request)
+        if claimed is not None:
+            cleaned = clean_principal_id(claimed) if isinstance(claimed, str) else None
+            if cleaned is None:
+                raise _BadRequest(422, "user_id must be 1-250 printable ASCII characters", "user_id")
+            if resolved is not None and cleaned != resolved:
+                raise _BadRequest(403, "user_id is not the user making the request", "user_id")
+            resolved = cleaned
+        if grant is None:
+            return resolved
+        if resolved is not None and resolved != grant.user_id:
+            raise _BadRequest(403, "the feedback token was issued to another user", "feedback_token")
+        return grant.user_id
+
+    async def _submit(self, item: Item) -> JSONResponse:
+        """Store `item` and answer with its first decisive outcome, or 202 while it is still pending."""
         # A trace this process issued is worth queueing for; any other ID is waited for here, until MLflow
         # has it or has said "not found" for `feedback_wait_seconds`, so a made-up ID gets its 404.
         wait = (
             self._settings.feedback_sync_seconds
-            if issued_here
+            if item.issued_here
             else self._settings.feedback_wait_seconds + _VERDICT_MARGIN_SECONDS
         )
         outcome_future = self._delivery.expect(item.id, asyncio.get_running_loop())
         try:
             try:
-                await asyncio.to_thread(self._delivery.accept, item)
+                earlier = await asyncio.to_thread(self._delivery.accept, item)
             except Exception:
                 logger.error("could not store feedback in the outbox at %s", self._delivery.outbox.path, exc_info=True)
                 return _error(503, "the feedback store is unavailable; try again later")
+            if earlier is not None:
+                return _replayed(item, earlier, self._path)
             self._delivery.start()
             try:
                 outcome, item = await asyncio.wait_for(outcome_future, wait)
@@ -182,36 +252,15 @@ class FeedbackRoutes:
                 outcome = WAITING  # still pending: the background thread goes on with it
         finally:
             self._delivery.forget(item.id)
-        recorded = {a.name: a.value for a in assessments}
         if outcome == DELIVERED:
-            return JSONResponse(
-                {
-                    "status": "success",
-                    "feedback_id": item.id,
-                    "trace_id": item.trace_id,
-                    "feedback_recorded": recorded,
-                    "assessment_ids": item.assessment_ids,
-                }
-            )
+            return JSONResponse(_success(item))
         if outcome in (NOT_FOUND, REJECTED) and not item.assessment_ids:
             await asyncio.to_thread(self._delivery.outbox.remove, item.id)  # refused, so never accepted
             if outcome == NOT_FOUND:
                 what = f"trace {item.trace_id!r}" if item.trace_id else f"client_request_id {item.client_request_id!r}"
                 return _error(404, f"{what} not found")
             return _error(422, f"MLflow rejected the feedback: {item.last_error}")
-        status_url = f"{self._path}/{item.id}"
-        return JSONResponse(
-            {
-                "status": "accepted",
-                "feedback_id": item.id,
-                "trace_id": item.trace_id,
-                "client_request_id": item.client_request_id,
-                "feedback_recorded": recorded,
-                "status_url": status_url,
-            },
-            status_code=202,
-            headers={"Location": status_url},
-        )
+        return _accepted(item, self._path)
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
         limit = self._settings.max_feedback_body_bytes
@@ -235,3 +284,50 @@ class FeedbackRoutes:
         if not isinstance(data, dict):
             raise _BadRequest(422, "the body must be a JSON object", "body")
         return data
+
+
+def _idempotent_id(destination: str, source_id: str, key: str) -> str:
+    digest = hashlib.sha256("\n".join((destination, source_id, key)).encode()).hexdigest()
+    return "fb-" + digest[:32]
+
+
+def _recorded(item: Item) -> dict[str, Any]:
+    return {a.name: a.value for a in item.assessments}
+
+
+def _success(item: Item) -> dict[str, Any]:
+    return {
+        "status": "success",
+        "feedback_id": item.id,
+        "trace_id": item.trace_id,
+        "feedback_recorded": _recorded(item),
+        "assessment_ids": item.assessment_ids,
+    }
+
+
+def _accepted(item: Item, path: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    status_url = f"{path}/{item.id}"
+    body = {
+        "status": "accepted",
+        "feedback_id": item.id,
+        "trace_id": item.trace_id,
+        "client_request_id": item.client_request_id,
+        "feedback_recorded": _recorded(item),
+        "status_url": status_url,
+    }
+    return JSONResponse(body, status_code=202, headers={"Location": status_url, **(headers or {})})
+
+
+def _replayed(item: Item, earlier: Item, path: str) -> JSONResponse:
+    """The answer to a retry carrying an Idempotency-Key already used: the first request's item."""
+    same = (
+        earlier.client_request_id == item.client_request_id
+        and (item.trace_id is None or earlier.trace_id == item.trace_id)
+        and earlier.assessments == item.assessments
+    )
+    if not same:
+        raise _BadRequest(422, "this Idempotency-Key was already used for different feedback", "Idempotency-Key")
+    replayed = {"Idempotent-Replayed": "true"}
+    if earlier.state == DELIVERED:
+        return JSONResponse(_success(earlier), headers=replayed)
+    return _accepted(earlier, path, replayed)

@@ -3,13 +3,16 @@
 Each assessment carries its outbox item's ID and its index in the item in metadata (`FEEDBACK_ID_KEY`,
 ``fb-<hex>/<index>``), which is what makes a replay idempotent: before writing again after an attempt of
 unknown outcome, the trace's assessments are read and those already written under that ID are kept
-instead of written twice.
+instead of written twice. The same read finds a user's earlier vote of the same name, which is updated
+rather than joined by a second one, and tells which experiment the trace belongs to.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import mlflow
-from mlflow.entities import AssessmentSource
+from mlflow.entities import AssessmentSource, Feedback
 from mlflow.exceptions import MlflowException
 from mlflow.tracing.client import TracingClient
 
@@ -43,15 +46,51 @@ def log_feedback(trace_id: str, assessment: Assessment, source_id: str, feedback
     return feedback.assessment_id
 
 
-def written_under(trace_id: str, feedback_id: str) -> dict[int, str | None]:
-    """The assessments already on `trace_id` from outbox item `feedback_id`, by their index in it."""
+def update_feedback(
+    trace_id: str, assessment_id: str, assessment: Assessment, feedback_id: str, index: int
+) -> str | None:
+    """Replace the value (and the rationale, when one is given) of an earlier vote by the same user."""
+    updated = mlflow.update_assessment(
+        trace_id=trace_id,
+        assessment_id=assessment_id,
+        assessment=Feedback(
+            name=assessment.name,
+            value=assessment.value,
+            rationale=assessment.rationale,
+            metadata={**(assessment.metadata or {}), FEEDBACK_ID_KEY: f"{feedback_id}/{index}"},
+        ),
+    )
+    return updated.assessment_id
+
+
+@dataclass
+class TraceFacts:
+    """What delivery needs to know of a trace before writing an item's assessments on it."""
+
+    experiment_id: str | None
+    written: dict[int, str | None] = field(default_factory=dict)  # index in the item -> assessment ID
+    earlier_votes: dict[str, str] = field(default_factory=dict)  # name -> the user's valid assessment ID
+
+
+def trace_facts(trace_id: str, feedback_id: str, source_id: str | None) -> TraceFacts:
+    """The trace's experiment, the assessments item `feedback_id` already wrote on it, and the earlier
+    HUMAN feedback of `source_id` (None: anonymous, whose votes are never merged) by name."""
     info = TracingClient().get_trace_info(trace_id)
-    done: dict[int, str | None] = {}
+    facts = TraceFacts(info.experiment_id)
     for assessment in info.assessments or ():
         item, _, index = (assessment.metadata or {}).get(FEEDBACK_ID_KEY, "").partition("/")
         if item == feedback_id and index.isdigit():
-            done[int(index)] = assessment.assessment_id
-    return done
+            facts.written[int(index)] = assessment.assessment_id
+        elif (
+            source_id is not None
+            and assessment.assessment_id is not None
+            and assessment.feedback is not None
+            and assessment.valid is not False
+            and assessment.source.source_type == "HUMAN"
+            and assessment.source.source_id == source_id
+        ):
+            facts.earlier_votes[assessment.name] = assessment.assessment_id
+    return facts
 
 
 def search_trace_id(experiment_id: str, client_request_id: str, by_tag: bool) -> str | None:

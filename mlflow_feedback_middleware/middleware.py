@@ -19,19 +19,24 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import mlflow
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import DEFAULT_EXCLUDE_PATHS, DEFAULT_OUTBOX_PATH, Settings
+from .config import DEFAULT_EXCLUDE_PATHS, DEFAULT_OUTBOX_PATH, DEFAULT_REDACT_FIELDS, Settings
 from .delivery import FeedbackDelivery
 from .exchange import TracedExchange
 from .feedback_routes import FeedbackRoutes
+from .identity import IdentityResolver
+from .limits import FeedbackLimits, RateLimit
 from .outbox import Outbox
 from .registry import RecentTraces
+from .tokens import FeedbackTokens, as_secret_list
 from .tracing import MlflowBackend
+
+_DEFAULT = RateLimit()
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
@@ -69,6 +74,13 @@ class MlflowFeedbackMiddleware:
         shutdown_timeout_seconds: float = 10.0,
         mlflow_threads: int = 8,
         export: Literal["mlflow", "otlp"] = "mlflow",
+        feedback_secret: str | bytes | Sequence[str | bytes] | None = None,
+        feedback_token_ttl_seconds: float = 24 * 3600,
+        feedback_token_header: str = "X-MLflow-Feedback-Token",
+        identity: IdentityResolver | None = None,
+        feedback_limits: FeedbackLimits | None = None,
+        rate_limit: RateLimit | None = _DEFAULT,
+        redact_fields: Iterable[str] = DEFAULT_REDACT_FIELDS,
     ) -> None:
         self.app = app
         self.settings = settings = Settings(
@@ -95,12 +107,31 @@ class MlflowFeedbackMiddleware:
             shutdown_timeout_seconds=shutdown_timeout_seconds,
             mlflow_threads=mlflow_threads,
             export=export,
+            feedback_secrets=tuple(_secrets(feedback_secret)),
+            feedback_token_ttl_seconds=feedback_token_ttl_seconds,
+            feedback_token_header=feedback_token_header,
+            identity=identity,
+            feedback_limits=feedback_limits or FeedbackLimits(),
+            rate_limit=rate_limit,
+            redact_fields=redact_fields,
         )
         # ASGI header names arrive lower-cased as bytes; compare against these without re-encoding.
         self.trace_id_header_key = settings.trace_id_header.lower().encode()
         self.request_id_header_key = settings.request_id_header.lower().encode()
         self.user_id_header_key = settings.user_id_header.lower().encode()
         self.session_id_header_key = settings.session_id_header.lower().encode()
+        self.token_header_key = settings.feedback_token_header.lower().encode()
+        self.tokens = (
+            FeedbackTokens(settings.feedback_secrets, settings.feedback_token_ttl_seconds)
+            if settings.feedback_secrets
+            else None
+        )
+        if self.tokens is None and settings.feedback_path is not None:
+            logger.warning(
+                "the feedback route %s is unauthenticated: anyone who can reach it and knows a trace ID can write"
+                " feedback. Set feedback_secret= or MLFLOW_FEEDBACK_SECRET to require signed feedback tokens.",
+                settings.feedback_path,
+            )
         self.backend = MlflowBackend(tracking_uri, experiment_name, settings.mlflow_threads, export)
         self.recent = RecentTraces()
         self.delivery = FeedbackDelivery(
@@ -114,7 +145,7 @@ class MlflowFeedbackMiddleware:
             exit_timeout=settings.shutdown_timeout_seconds,
         )
         self.feedback = (
-            FeedbackRoutes(settings, self.backend, self.recent, self.delivery, self.user_id_header_key)
+            FeedbackRoutes(settings, self.backend, self.recent, self.delivery, self.tokens)
             if settings.feedback_path is not None
             else None
         )
@@ -173,6 +204,17 @@ def _outbox_path(path: str | os.PathLike[str] | None) -> str | None:
     if path == DEFAULT_OUTBOX_PATH:
         return os.environ.get("MLFLOW_FEEDBACK_OUTBOX") or DEFAULT_OUTBOX_PATH
     return None if path is None else os.fspath(path)
+
+
+def _secrets(secret: str | bytes | Sequence[str | bytes] | None) -> list[bytes]:
+    """The configured secrets, the signing one first; from the environment when none is passed."""
+    if secret is None:
+        current = os.environ.get("MLFLOW_FEEDBACK_SECRET")
+        if not current:
+            return []
+        previous = os.environ.get("MLFLOW_FEEDBACK_PREVIOUS_SECRET")
+        secret = [current, previous] if previous else current
+    return as_secret_list(secret)
 
 
 def _open_outbox(path: str | None) -> Outbox:

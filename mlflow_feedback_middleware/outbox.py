@@ -135,10 +135,16 @@ class Outbox:
         with self._lock:
             self._conn.close()
 
-    def add(self, item: Item, lease_seconds: float) -> None:
-        """Store `item`, leased to this process for `lease_seconds` (it delivers it, unless it dies)."""
+    def add(self, item: Item, lease_seconds: float) -> Item | None:
+        """Store `item`, leased to this process for `lease_seconds` (it delivers it, unless it dies).
+
+        An item with the same ID already stored (an idempotent retry) is left as it is, and returned.
+        """
         now = time.time()
         with self._tx() as db:
+            earlier = db.execute("SELECT * FROM feedback_outbox WHERE id=?", (item.id,)).fetchone()
+            if earlier is not None:
+                return _item(earlier)
             db.execute(
                 "INSERT INTO feedback_outbox (id, destination, trace_id, client_request_id, source_id, assessments,"
                 " issued_here, created_at, next_at, owner, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -156,6 +162,7 @@ class Outbox:
                     now + lease_seconds,
                 ),
             )
+        return None
 
     def remove(self, item_id: str) -> None:
         """Forget an item that was never accepted (its request got a 4xx)."""
