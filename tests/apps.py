@@ -71,6 +71,10 @@ def build_app(**middleware_kwargs: Any) -> FastAPI:
     def chat_sync(body: ChatRequest, request: Request) -> dict[str, Any]:
         return {"response": fake_llm(body.message), **seen_ids(request)}
 
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, Any]:
+        return {"received": await request.json()}
+
     @app.get("/items/{item_id}")
     async def item(item_id: int) -> dict[str, int]:
         return {"item_id": item_id}
