@@ -265,7 +265,7 @@ class FeedbackRoutes:
     async def _read_json(self, request: Request) -> dict[str, Any]:
         limit = self._settings.max_feedback_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise _BadRequest(413, f"the body is larger than {limit} bytes")
         chunks: list[bytes] = []
         size = 0

@@ -79,7 +79,7 @@ def trace_facts(trace_id: str, feedback_id: str, source_id: str | None) -> Trace
     facts = TraceFacts(info.experiment_id)
     for assessment in info.assessments or ():
         item, _, index = (assessment.metadata or {}).get(FEEDBACK_ID_KEY, "").partition("/")
-        if item == feedback_id and index.isdigit():
+        if item == feedback_id and index.isascii() and index.isdigit():
             facts.written[int(index)] = assessment.assessment_id
         elif (
             source_id is not None
