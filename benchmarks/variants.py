@@ -106,7 +106,10 @@ def ours(experiment_name: str, experiment_id: str, tracking_uri: str) -> FastAPI
     from mlflow_feedback_middleware import MlflowFeedbackMiddleware
 
     app = bare(experiment_name, experiment_id, tracking_uri)
-    app.add_middleware(MlflowFeedbackMiddleware, tracking_uri=tracking_uri, experiment_name=experiment_name)
+    # One load generator is one client: the per-client rate limit would turn the feedback burst into 429s.
+    app.add_middleware(
+        MlflowFeedbackMiddleware, tracking_uri=tracking_uri, experiment_name=experiment_name, rate_limit=None
+    )
     return app
 
 
@@ -116,7 +119,11 @@ def ours_otlp(experiment_name: str, experiment_id: str, tracking_uri: str) -> Fa
 
     app = bare(experiment_name, experiment_id, tracking_uri)
     app.add_middleware(
-        MlflowFeedbackMiddleware, tracking_uri=tracking_uri, experiment_name=experiment_name, export="otlp"
+        MlflowFeedbackMiddleware,
+        tracking_uri=tracking_uri,
+        experiment_name=experiment_name,
+        export="otlp",
+        rate_limit=None,
     )
     return app
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -47,6 +48,9 @@ app.add_middleware(
     experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "feedback-demo"),
     # The page itself is not an answer anyone rates; keep the defaults (docs, health) too.
     exclude_paths=[r"^/$", r"^/(docs|redoc)(/|$)", r"^/openapi\.json$", r"^/favicon\.ico$"],
+    # Signed feedback tokens, so only the browser that got an answer can rate it. A real service sets
+    # MLFLOW_FEEDBACK_SECRET (shared by its replicas); a fresh one per start is enough for the demo.
+    feedback_secret=os.environ.get("MLFLOW_FEEDBACK_SECRET") or secrets.token_hex(32),
 )
 
 
