@@ -116,22 +116,8 @@ class MlflowBackend:
         return experiment_id
 
     def _find_experiment(self, uri: str) -> str:
-        from mlflow.tracking._tracking_service.client import TrackingServiceClient
-
-        client = TrackingServiceClient(uri)
         name = self._experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-        if name:
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                try:
-                    return str(client.create_experiment(name))
-                except MlflowException:  # another worker created it first
-                    experiment = client.get_experiment_by_name(name)
-                    if experiment is None:
-                        raise
-            return str(experiment.experiment_id)
-        experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
-        return str(client.get_experiment(experiment_id).experiment_id)
+        return find_experiment(uri, name, os.environ.get("MLFLOW_EXPERIMENT_ID") or "0", create=True)
 
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
@@ -270,3 +256,24 @@ def rename_root(span: LiveSpan, name: str, otlp: bool) -> None:
         set_trace_tags(span, {_TRACE_NAME_TAG: name}, otlp)
     except Exception:  # naming is cosmetic: never let it fail a request
         logger.debug("could not rename root span to %r", name, exc_info=True)
+
+
+def find_experiment(uri: str, name: str | None, experiment_id: str | None, create: bool) -> str:
+    """The ID of experiment `name` (created if missing and `create`), else of `experiment_id`.
+
+    Raises LookupError for a missing experiment that is not to be created.
+    """
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    client = TrackingServiceClient(uri)
+    if name:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None and create:
+            try:
+                return str(client.create_experiment(name))
+            except MlflowException:  # another worker created it first
+                experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise LookupError(f"no experiment named {name!r} at {uri}")
+        return str(experiment.experiment_id)
+    return str(client.get_experiment(experiment_id or "0").experiment_id)

@@ -1,0 +1,190 @@
+"""``mlflow-feedback``: reports on the feedback a service collected, from the command line.
+
+    mlflow-feedback report --experiment /Shared/production-app --since 7d --by day
+    mlflow-feedback report --experiment chat --since 24h --format json
+    mlflow-feedback report --experiment chat --since 30d --by day --html report.html
+
+The tracking server comes from ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import mlflow
+
+from .report import GROUPINGS, build_report, search_requests
+from .tracing import find_experiment
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: str, now: float | None = None) -> int:
+    """Milliseconds since the epoch for ``24h`` / ``7d`` / ``30m`` ago, or an ISO date or time (UTC if no zone)."""
+    now = time.time() if now is None else now
+    relative = _RELATIVE.fullmatch(text.strip())
+    if relative:
+        return int((now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]) * 1000)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a duration (24h, 7d, 30m) nor an ISO date") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _experiment_id(name: str | None, experiment_id: str | None) -> str:
+    try:
+        return find_experiment(mlflow.get_tracking_uri(), name, experiment_id, create=False)
+    except LookupError as exc:
+        raise SystemExit(f"mlflow-feedback: {exc}") from None
+
+
+def _progress(stream: TextIO) -> Any:
+    if not stream.isatty():
+        return None
+
+    def show(seen: int) -> None:
+        stream.write(f"\rread {seen} traces…")
+        stream.flush()
+
+    return show
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1f}%"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as text for a terminal."""
+    out = io.StringIO()
+    window = report.get("window", {})
+    out.write(
+        f"Experiment {report.get('experiment')}  {window.get('since') or 'start'} → {window.get('until') or 'now'}\n\n"
+    )
+    out.write(f"  traced requests       {report['total_traces']}\n")
+    out.write(f"  with feedback         {report['traces_with_feedback']}  ({_percent(report['feedback_rate'])})\n")
+    out.write(
+        f"  positive              {report['positive_count']} 👍 / {report['negative_count']} 👎"
+        f"  (positive rate {_percent(report['positive_rate'])})\n"
+    )
+    if report["ratings"]:
+        out.write("\nRatings (0-1)\n")
+        for dimension, stats in report["ratings"].items():
+            spread = "  ".join(f"{value}: {count}" for value, count in stats["distribution"].items())
+            out.write(
+                f"  {dimension:<20} mean {stats['mean']:.2f}  median {stats['median']:.2f}"
+                f"  n={stats['count']}   {spread}\n"
+            )
+    for name, counts in report["categories"].items():
+        out.write(f"\n{name}\n")
+        for value, count in counts.items():
+            out.write(f"  {value:<30} {count}\n")
+    if report["latest_negative_comments"]:
+        out.write("\nLatest negative comments\n")
+        for comment in report["latest_negative_comments"]:
+            out.write(f"  {comment['time']}  {comment['user']}: {comment['comment']}\n")
+    if "groups" in report:
+        out.write(f"\nBy {report['grouped_by']}\n")
+        width = max([len(k) for k in report["groups"]] + [5])
+        out.write(f"  {'group':<{width}}  requests  feedback  rate     positive\n")
+        for key, group in report["groups"].items():
+            out.write(
+                f"  {key:<{width}}  {group['total_traces']:>8}  {group['traces_with_feedback']:>8}"
+                f"  {_percent(group['feedback_rate']):>6}  {_percent(group['positive_rate']):>8}\n"
+            )
+    return out.getvalue()
+
+
+def format_csv(report: dict[str, Any]) -> str:
+    """One row for the whole window, then one per group; rating means and counts as columns."""
+    rows = [("(all)", report), *report.get("groups", {}).items()]
+    dimensions = sorted({d for _, r in rows for d in r["ratings"]})
+    columns = ["group", "total_traces", "traces_with_feedback", "feedback_rate", "positive_rate"]
+    columns += ["positive_count", "negative_count"]
+    columns += [f"rating_{d}_{stat}" for d in dimensions for stat in ("mean", "count")]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for key, figures in rows:
+        ratings = figures["ratings"]
+        row = [key] + [figures[c] for c in columns[1:7]]
+        row += [ratings.get(d, {}).get(stat, "") for d in dimensions for stat in ("mean", "count")]
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def _report(args: argparse.Namespace) -> int:
+    if args.tracking_uri:
+        mlflow.set_tracking_uri(args.tracking_uri)
+    experiment_id = _experiment_id(args.experiment, args.experiment_id)
+    since = parse_time(args.since) if args.since else None
+    until = parse_time(args.until) if args.until else None
+    requests = list(search_requests(experiment_id, since, until, _progress(sys.stderr)))
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    window = {"since": _iso(since), "until": _iso(until)}
+    report = build_report(requests, args.by, experiment=args.experiment or experiment_id, window=window)
+    if args.html:
+        from .report_html import write_html
+
+        by_time = args.by if args.by in ("day", "hour") else "day"
+        timeline = report["groups"] if args.by == by_time else build_report(requests, by_time)["groups"]
+        write_html(report, timeline, args.html)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(format_csv(report) if args.format == "csv" else format_table(report))
+    return 0
+
+
+def _iso(time_ms: int | None) -> str | None:
+    if time_ms is None:
+        return None
+    return datetime.fromtimestamp(time_ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: ``mlflow-feedback report ...``."""
+    top = argparse.ArgumentParser(prog="mlflow-feedback", description="Reports on end-user feedback in MLflow.")
+    commands = top.add_subparsers(dest="command", required=True)
+    report = commands.add_parser("report", help="feedback rate, positive rate, ratings and comments")
+    which = report.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", help="experiment name")
+    which.add_argument("--experiment-id", help="experiment ID")
+    report.add_argument("--tracking-uri", help="tracking server (default: MLFLOW_TRACKING_URI)")
+    report.add_argument("--since", help="start of the window: 24h, 7d, 30m ago, or an ISO date/time (UTC)")
+    report.add_argument("--until", help="end of the window (exclusive), same forms; default now")
+    report.add_argument("--by", choices=GROUPINGS, help="also report per day, hour, route, user or session")
+    report.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    report.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with charts")
+    report.set_defaults(run=_report)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mlflow-feedback`` command."""
+    args = parser().parse_args(argv)
+    for value in (args.since, args.until):  # validate before any network call
+        if value:
+            try:
+                parse_time(value)
+            except argparse.ArgumentTypeError as exc:
+                parser().error(str(exc))
+    run: Any = args.run
+    return int(run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""Feedback reports: feedback rate against every traced request, positive rate, ratings, comments.
+
+The middleware traces every request it serves, so the experiment's traces in a window are the real
+denominator of the feedback rate. Traces are read with paginated ``search_traces`` calls without spans:
+the trace infos already carry their assessments, so the report costs one call per page of traces,
+where MLflow's guide fetches every trace one by one.
+
+Only HUMAN feedback counts (LLM judges and code scorers are not end users), and only assessments still
+valid (one that was overridden is not).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from mlflow.entities import Assessment, Trace
+
+from .feedback_models import RATING_PREFIX, SEED_FEEDBACK_NAME
+
+PAGE_SIZE = 500  # the tracking server's largest page for trace searches
+LATEST_COMMENTS = 10
+GROUPINGS = ("day", "hour", "route", "user", "session")
+
+_ROUTE_TAG = "mlflow.traceName"
+_USER_KEY = "mlflow.trace.user"
+_SESSION_KEY = "mlflow.trace.session"
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One end user's feedback assessment on one trace."""
+
+    trace_id: str
+    name: str
+    value: Any
+    user: str
+    rationale: str | None
+    time_ms: int
+
+
+@dataclass
+class TracedRequest:
+    """A traced request as the report sees it: when, which route, whose, and the feedback on it."""
+
+    trace_id: str
+    time_ms: int
+    route: str | None
+    user: str | None
+    session: str | None
+    votes: list[Vote] = field(default_factory=list)
+
+
+def is_positive(vote: Vote) -> bool | None:
+    """Whether a vote is positive, negative (False) or neither (None). The seed's thumbs: `user_feedback`."""
+    if vote.name == SEED_FEEDBACK_NAME and isinstance(vote.value, bool):
+        return vote.value
+    return None
+
+
+def _human_votes(trace_id: str, assessments: Iterable[Assessment]) -> list[Vote]:
+    votes = []
+    for a in assessments:
+        if a.feedback is None or a.valid is False or a.source is None or a.source.source_type != "HUMAN":
+            continue
+        user = a.source.source_id or ""
+        votes.append(Vote(trace_id, a.name, a.feedback.value, user, a.rationale, a.create_time_ms or 0))
+    return votes
+
+
+def traced_request(trace: Trace) -> TracedRequest:
+    """The report's view of one searched trace (no spans needed)."""
+    info = trace.info
+    metadata = info.trace_metadata or {}
+    return TracedRequest(
+        trace_id=info.trace_id,
+        time_ms=info.request_time,
+        route=(info.tags or {}).get(_ROUTE_TAG),
+        user=metadata.get(_USER_KEY),
+        session=metadata.get(_SESSION_KEY),
+        votes=_human_votes(info.trace_id, info.assessments or ()),
+    )
+
+
+def window_filter(since_ms: int | None, until_ms: int | None) -> str | None:
+    """A search filter for traces started in [since, until)."""
+    parts = []
+    if since_ms is not None:
+        parts.append(f"trace.timestamp_ms >= {int(since_ms)}")
+    if until_ms is not None:
+        parts.append(f"trace.timestamp_ms < {int(until_ms)}")
+    return " AND ".join(parts) or None
+
+
+def search_requests(
+    experiment_id: str,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[TracedRequest]:
+    """Every trace of the experiment in the window, page by page, without spans."""
+    from mlflow.tracing.client import TracingClient
+
+    client = TracingClient()
+    token: str | None = None
+    seen = 0
+    while True:
+        page = client.search_traces(
+            locations=[experiment_id],
+            filter_string=window_filter(since_ms, until_ms),
+            max_results=PAGE_SIZE,
+            order_by=["timestamp_ms DESC"],
+            page_token=token,
+            include_spans=False,
+        )
+        for trace in page:
+            yield traced_request(trace)
+        seen += len(page)
+        if progress is not None:
+            progress(seen)
+        token = page.token
+        if not token:
+            return
+
+
+def summarize(requests: Iterable[TracedRequest]) -> dict[str, Any]:
+    """The report's figures over some traced requests.
+
+    The overall figures keep the names and meanings of MLflow's guide (`analyze_user_feedback`):
+    `feedback_rate` is the percentage of traced requests with any feedback, `positive_rate` the positive
+    thumbs per request with feedback, in percent. `ratings` are the `user_<dimension>` values (0-1).
+    """
+    total = with_feedback = positive = negative = 0
+    ratings: dict[str, list[float]] = {}
+    categories: dict[str, Counter[str]] = {}
+    negative_comments: list[Vote] = []
+    for request in requests:
+        total += 1
+        if not request.votes:
+            continue
+        with_feedback += 1
+        for vote in request.votes:
+            polarity = is_positive(vote)
+            if polarity is True:
+                positive += 1
+            elif polarity is False:
+                negative += 1
+                if vote.rationale:
+                    negative_comments.append(vote)
+            if polarity is not None:
+                continue
+            if vote.name.startswith(RATING_PREFIX) and _is_number(vote.value):
+                ratings.setdefault(vote.name[len(RATING_PREFIX) :], []).append(float(vote.value))
+            elif isinstance(vote.value, str):
+                categories.setdefault(vote.name, Counter())[vote.value] += 1
+    negative_comments.sort(key=lambda v: v.time_ms, reverse=True)
+    return {
+        "total_traces": total,
+        "traces_with_feedback": with_feedback,
+        "feedback_rate": with_feedback / total * 100 if total else 0,
+        "positive_rate": positive / with_feedback * 100 if with_feedback else 0,
+        "positive_count": positive,
+        "negative_count": negative,
+        "ratings": {dimension: _rating_stats(values) for dimension, values in sorted(ratings.items())},
+        "categories": {name: dict(counts.most_common()) for name, counts in sorted(categories.items())},
+        "latest_negative_comments": [
+            {"trace_id": v.trace_id, "time": _iso(v.time_ms), "user": v.user, "comment": v.rationale}
+            for v in negative_comments[:LATEST_COMMENTS]
+        ],
+    }
+
+
+def group_key(request: TracedRequest, by: str) -> str:
+    """The group a request falls in: a UTC day or hour, its route, user or session."""
+    if by in ("day", "hour"):
+        moment = datetime.fromtimestamp(request.time_ms / 1000, UTC)
+        return moment.strftime("%Y-%m-%d" if by == "day" else "%Y-%m-%dT%H:00Z")
+    value = {"route": request.route, "user": request.user, "session": request.session}[by]
+    return value or "(none)"
+
+
+def build_report(requests: Iterable[TracedRequest], by: str | None = None, **context: Any) -> dict[str, Any]:
+    """The overall figures, plus the same figures per group when `by` is one of `GROUPINGS`."""
+    if by is not None and by not in GROUPINGS:
+        raise ValueError(f"cannot group by {by!r}; choose one of {', '.join(GROUPINGS)}")
+    rows = list(requests)
+    report: dict[str, Any] = {**context, **summarize(rows)}
+    if by is not None:
+        groups: dict[str, list[TracedRequest]] = {}
+        for row in rows:
+            groups.setdefault(group_key(row, by), []).append(row)
+        report["grouped_by"] = by
+        report["groups"] = {key: summarize(groups[key]) for key in sorted(groups)}
+    return report
+
+
+def _rating_stats(values: list[float]) -> dict[str, Any]:
+    distribution = Counter(round(v, 4) for v in values)
+    return {
+        "mean": statistics.fmean(values),
+        "median": statistics.median(values),
+        "count": len(values),
+        "distribution": {f"{k:g}": distribution[k] for k in sorted(distribution)},
+    }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _iso(time_ms: int) -> str:
+    return datetime.fromtimestamp(time_ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -1,0 +1,297 @@
+"""Reports against a real tracking server: seeded traces over four days and more than one page of search
+results, feedback of every kind (and some that must not count), numbers computed independently here."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from mlflow.entities import AssessmentSource
+
+from mlflow_feedback_middleware.cli import main
+from mlflow_feedback_middleware.report import PAGE_SIZE, build_report, search_requests
+from mlflow_feedback_middleware.tracing import find_experiment
+
+from .support import ROOT, MlflowServer
+
+N_TRACES = 560  # more than one page of search results
+DAY = 86400.0
+HUMAN = "HUMAN"
+
+
+@dataclass
+class Seeded:
+    """What was written, and what each figure must therefore be."""
+
+    experiment: str
+    experiment_id: str
+    now: float
+    times: list[float] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    judged_or_overridden: set[int] = field(default_factory=set)
+    up: dict[int, int] = field(default_factory=Counter)  # trace index -> valid 👍 votes
+    down: dict[int, int] = field(default_factory=Counter)
+    ratings: list[tuple[int, float]] = field(default_factory=list)
+    issues: list[tuple[int, str]] = field(default_factory=list)
+    comments: list[tuple[int, str]] = field(default_factory=list)  # negative votes with a comment
+    with_human_feedback: set[int] = field(default_factory=set)
+
+    def expected(self, indices: list[int]) -> dict[str, Any]:
+        chosen = set(indices)
+        with_feedback = len(self.with_human_feedback & chosen)
+        positive = sum(self.up[i] for i in chosen)
+        negative = sum(self.down[i] for i in chosen)
+        ratings = [v for i, v in self.ratings if i in chosen]
+        return {
+            "total_traces": len(chosen),
+            "traces_with_feedback": with_feedback,
+            "feedback_rate": with_feedback / len(chosen) * 100 if chosen else 0,
+            "positive_rate": positive / with_feedback * 100 if with_feedback else 0,
+            "positive_count": positive,
+            "negative_count": negative,
+            "rating_mean": statistics.fmean(ratings) if ratings else None,
+            "rating_count": len(ratings),
+            "issues": dict(Counter(v for i, v in self.issues if i in chosen)),
+        }
+
+
+def _user(i: int) -> str:
+    return f"user{i % 5}"
+
+
+@pytest.fixture(scope="module")
+def seeded(mlflow_server: MlflowServer) -> Seeded:
+    """N_TRACES traces spread over 3 days ago, 2, 1 and the last hour, and feedback on many of them."""
+    name = f"report-{uuid.uuid4().hex[:10]}"
+    experiment_id = find_experiment(mlflow_server.url, name, None, create=True)
+    now = time.time()
+    data = Seeded(name, experiment_id, now)
+    ids = data.ids
+    for i in range(N_TRACES):
+        when = now - (3 * DAY, 2 * DAY, DAY, 3600.0)[i % 4] + i * 0.01
+        span = mlflow.start_span_no_context(
+            name="POST /chat" if i % 3 else "POST /chat/stream",
+            experiment_id=experiment_id,
+            start_time_ns=int(when * 1e9),
+            inputs={"message": f"question {i}"},
+            metadata={"mlflow.trace.user": _user(i), "mlflow.trace.session": f"s{i % 11}"},
+        )
+        span.set_outputs({"response": f"answer {i}"})
+        span.end(end_time_ns=int((when + 0.05) * 1e9))
+        data.times.append(when)
+        data.ids.append(span.trace_id)
+        if i % 100 == 99:
+            mlflow.flush_trace_async_logging()  # keep MLflow's export queue from overflowing
+    mlflow.flush_trace_async_logging()
+
+    # The plan first (what each figure must be), then the writes, trace by trace on a few threads.
+    plan: dict[int, list[tuple[str, Any, str | None, str, Any]]] = {}  # i -> (name, value, why, source, then)
+    for i in range(N_TRACES):
+        votes = plan.setdefault(i, [])
+        if i % 4 == 0:
+            votes.append(("user_feedback", True, None, HUMAN, None))
+            data.up[i] += 1
+        if i % 6 == 1:
+            comment = f"wrong answer {i}" if i % 12 == 1 else None
+            votes.append(("user_feedback", False, comment, HUMAN, None))
+            data.down[i] += 1
+            if comment:
+                data.comments.append((i, comment))
+        if i % 5 == 2:
+            rating = ((i // 5) % 5 + 1) / 5
+            votes.append(("user_accuracy", rating, None, HUMAN, None))
+            data.ratings.append((i, rating))
+        if i % 9 == 3:
+            issue = "wrong" if i % 2 else "slow"
+            votes.append(("issue", issue, None, HUMAN, None))
+            data.issues.append((i, issue))
+        if i % 10 == 7:  # not an end user: never counted
+            votes.append(("user_feedback", False, "judged", "LLM_JUDGE", None))
+            data.judged_or_overridden.add(i)
+        if i % 50 == 5:  # a 👍 corrected to 👎: only the override counts
+            votes.append(("user_feedback", True, None, HUMAN, False))
+            data.down[i] += 1
+            data.judged_or_overridden.add(i)
+        if any(source == HUMAN for _, _, _, source, _ in votes):
+            data.with_human_feedback.add(i)
+
+    def write(i: int) -> None:
+        for name, value, rationale, source_type, then in plan[i]:
+            source = AssessmentSource(source_type=source_type, source_id=_user(i) if source_type == HUMAN else "judge")
+            written = mlflow.log_feedback(trace_id=ids[i], name=name, value=value, rationale=rationale, source=source)
+            if then is not None:
+                mlflow.override_feedback(
+                    trace_id=ids[i], assessment_id=written.assessment_id, value=then, source=source
+                )
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(N_TRACES)))
+    return data
+
+
+def _window(data: Seeded, since: float | None = None, until: float | None = None) -> list[int]:
+    return [i for i, t in enumerate(data.times) if (since is None or t >= since) and (until is None or t < until)]
+
+
+def _check(report: dict[str, Any], expected: dict[str, Any]) -> None:
+    for key in ("total_traces", "traces_with_feedback", "positive_count", "negative_count"):
+        assert report[key] == expected[key], key
+    for key in ("feedback_rate", "positive_rate"):
+        assert report[key] == pytest.approx(expected[key]), key
+    accuracy = report["ratings"].get("accuracy")
+    if expected["rating_count"]:
+        assert accuracy["count"] == expected["rating_count"]
+        assert accuracy["mean"] == pytest.approx(expected["rating_mean"])
+    else:
+        assert accuracy is None
+    assert report["categories"].get("issue", {}) == expected["issues"]
+
+
+def test_the_whole_experiment_across_pages(seeded: Seeded) -> None:
+    pages: list[int] = []
+    report = build_report(search_requests(seeded.experiment_id, progress=pages.append))
+    assert len(pages) == -(-N_TRACES // PAGE_SIZE) > 1  # every page read, not the first only
+    _check(report, seeded.expected(list(range(N_TRACES))))
+    newest = [c for _, c in sorted(seeded.comments, key=lambda ic: seeded.times[ic[0]], reverse=True)]
+    assert {c["comment"] for c in report["latest_negative_comments"]} <= set(newest)
+    assert len(report["latest_negative_comments"]) == 10
+    assert report["ratings"]["accuracy"]["distribution"] == {
+        f"{v:g}": n for v, n in sorted(Counter(v for _, v in seeded.ratings).items())
+    }
+
+
+def test_time_windows_and_an_empty_one(seeded: Seeded) -> None:
+    now = seeded.now
+    for since, until in ((now - 1.5 * DAY, None), (now - 2.5 * DAY, now - 0.5 * DAY), (None, now - 2.5 * DAY)):
+        requests = search_requests(
+            seeded.experiment_id,
+            int(since * 1000) if since else None,
+            int(until * 1000) if until else None,
+        )
+        _check(build_report(requests), seeded.expected(_window(seeded, since, until)))
+    empty = build_report(search_requests(seeded.experiment_id, int((now + 3600) * 1000)))
+    assert (empty["total_traces"], empty["feedback_rate"], empty["positive_rate"], empty["ratings"]) == (0, 0, 0, {})
+
+
+def test_groups_by_day_route_and_user(seeded: Seeded) -> None:
+    requests = list(search_requests(seeded.experiment_id))
+    by_day = build_report(requests, "day")["groups"]
+    assert sum(g["total_traces"] for g in by_day.values()) == N_TRACES and len(by_day) >= 4
+    by_route = build_report(requests, "route")["groups"]
+    stream = [i for i in range(N_TRACES) if i % 3 == 0]
+    _check(by_route["POST /chat/stream"], seeded.expected(stream))
+    by_user = build_report(requests, "user")["groups"]
+    _check(by_user["user3"], seeded.expected([i for i in range(N_TRACES) if i % 5 == 3]))
+
+
+def test_the_guides_analysis_gives_the_same_overall_numbers(seeded: Seeded) -> None:
+    """MLflow's `analyze_user_feedback`, run over every trace (its own search stops at one page).
+
+    It counts any assessment, so it is compared on traces without judge or overridden feedback."""
+    comparable = {seeded.ids[i] for i in range(N_TRACES) if i not in seeded.judged_or_overridden}
+    requests = [r for r in search_requests(seeded.experiment_id) if r.trace_id in comparable]
+    ours = build_report(requests)
+    theirs = seed_analyze_user_feedback(sorted(comparable))
+    assert {k: ours[k] for k in theirs} == pytest.approx(theirs)
+
+
+def seed_analyze_user_feedback(trace_ids: list[str]) -> dict[str, Any]:
+    """The guide's function, verbatim but for `client.get_trace` (`mlflow.get_trace` with mlflow-tracing)."""
+    total_traces = len(trace_ids)
+    traces_with_feedback = positive_count = negative_count = 0
+    for trace_id in trace_ids:
+        trace_detail = mlflow.get_trace(trace_id)
+        if trace_detail.info.assessments:
+            traces_with_feedback += 1
+            for assessment in trace_detail.info.assessments:
+                if assessment.name == "user_feedback":
+                    if assessment.value:
+                        positive_count += 1
+                    else:
+                        negative_count += 1
+    feedback_rate = traces_with_feedback / total_traces * 100 if traces_with_feedback else 0
+    positive_rate = positive_count / traces_with_feedback * 100 if traces_with_feedback else 0
+    return {
+        "total_traces": total_traces,
+        "traces_with_feedback": traces_with_feedback,
+        "feedback_rate": feedback_rate,
+        "positive_rate": positive_rate,
+        "positive_count": positive_count,
+        "negative_count": negative_count,
+    }
+
+
+def test_cli_json_csv_and_table(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
+    uri = mlflow.get_tracking_uri()
+    args = ["report", "--experiment", seeded.experiment, "--tracking-uri", uri, "--since", "36h"]
+    assert main([*args, "--format", "json", "--by", "route"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    _check(report, seeded.expected(_window(seeded, seeded.now - 1.5 * DAY)))
+    assert set(report["groups"]) == {"POST /chat", "POST /chat/stream"}
+    assert main([*args, "--format", "csv", "--by", "day"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0]["group"] == "(all)" and int(rows[0]["total_traces"]) == report["total_traces"]
+    assert sum(int(r["total_traces"]) for r in rows[1:]) == report["total_traces"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert f"traced requests       {report['total_traces']}" in table and "Ratings (0-1)" in table
+
+
+def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--experiment", "x", "--since", "yesterday-ish"])
+    assert exit_info.value.code == 2 and "neither a duration" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no experiment named 'no-such-experiment'"):
+        main(["report", "--experiment", "no-such-experiment", "--tracking-uri", mlflow.get_tracking_uri()])
+
+
+def test_installed_command_writes_html_that_renders_in_chromium(seeded: Seeded, tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    command = Path(sys.executable).parent / "mlflow-feedback"
+    result = subprocess.run(
+        [str(command), "report", "--experiment", seeded.experiment, "--by", "user", "--html", str(page)],
+        env={"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    text = page.read_text()
+    assert "http://" not in text.replace(mlflow.get_tracking_uri(), "") and "<script src" not in text
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    artifacts = ROOT / "tests" / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=820,1400",
+    ]
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert dom.count('<polyline class="feedback_rate"') == 1 and dom.count("<rect") >= 5
+    shot = artifacts / "report.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 10_000  # a blank page is a few kB
