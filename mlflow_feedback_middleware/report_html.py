@@ -88,7 +88,7 @@ def render_html(report: dict[str, Any], timeline: dict[str, dict[str, Any]]) -> 
         ("With feedback", f"{report['traces_with_feedback']} ({report['feedback_rate']:.1f}%)"),
         (
             "Positive rate",
-            f"{report['positive_rate']:.1f}% ({report['positive_count']} positive, {report['negative_count']} negative)",
+            f"{report['positive_rate']:.1f}% ({report['positive_count']} up, {report['negative_count']} down)",
         ),
     ]
     body = [
