@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test ui bench clean
+.PHONY: demo test ui bench bench-report clean
 
 .venv/.ready: pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -38,3 +38,7 @@ ui: .venv-mlflow/.ready
 bench: .venv/.ready
 	.venv/bin/pip install $(PIP_FLAGS) -e '.[bench]'
 	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
+
+## bench-report: `mlflow-feedback report` against the guide's analyze_user_feedback over 2,000 traces
+bench-report: .venv/.ready .venv-mlflow/.ready
+	MLFLOW_SERVER_BIN=$(CURDIR)/.venv-mlflow/bin/mlflow .venv/bin/python benchmarks/report_bench.py $(BENCH_ARGS)

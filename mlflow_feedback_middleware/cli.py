@@ -3,6 +3,7 @@
     mlflow-feedback report --experiment /Shared/production-app --since 7d --by day
     mlflow-feedback report --experiment chat --since 24h --format json
     mlflow-feedback report --experiment chat --since 30d --by day --html report.html
+    mlflow-feedback export --experiment chat --only negative --output thumbs-down.jsonl
 
 The tracking server comes from ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``.
 """
@@ -149,6 +150,32 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .datasets import feedback_records, to_mlflow_dataset, write_jsonl
+
+    if args.tracking_uri:
+        mlflow.set_tracking_uri(args.tracking_uri)
+    experiment_id = _experiment_id(args.experiment, args.experiment_id)
+    since = parse_time(args.since) if args.since else None
+    until = parse_time(args.until) if args.until else None
+    records = list(feedback_records(experiment_id, args.only, since, until, _progress(sys.stderr)))
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    if args.output == "-":
+        write_jsonl(records, sys.stdout)
+    else:
+        with open(args.output, "w", encoding="utf-8") as out:
+            write_jsonl(records, out)
+    message = f"{len(records)} records"
+    if args.dataset:
+        try:
+            message += f"; MLflow evaluation dataset {to_mlflow_dataset(records, args.dataset, experiment_id)}"
+        except RuntimeError as exc:
+            raise SystemExit(f"mlflow-feedback: {exc}") from None
+    print(f"mlflow-feedback: {message}", file=sys.stderr)
+    return 0
+
+
 def _iso(time_ms: int | None) -> str | None:
     if time_ms is None:
         return None
@@ -160,16 +187,26 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mlflow-feedback", description="Reports on end-user feedback in MLflow.")
     commands = top.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="feedback rate, positive rate, ratings and comments")
-    which = report.add_mutually_exclusive_group(required=True)
-    which.add_argument("--experiment", help="experiment name")
-    which.add_argument("--experiment-id", help="experiment ID")
-    report.add_argument("--tracking-uri", help="tracking server (default: MLFLOW_TRACKING_URI)")
-    report.add_argument("--since", help="start of the window: 24h, 7d, 30m ago, or an ISO date/time (UTC)")
-    report.add_argument("--until", help="end of the window (exclusive), same forms; default now")
+    export = commands.add_parser("export", help="traces with matching feedback as evaluation records (JSONL)")
+    for command in (report, export):
+        which = command.add_mutually_exclusive_group(required=True)
+        which.add_argument("--experiment", help="experiment name")
+        which.add_argument("--experiment-id", help="experiment ID")
+        command.add_argument("--tracking-uri", help="tracking server (default: MLFLOW_TRACKING_URI)")
+        command.add_argument("--since", help="start of the window: 24h, 7d, 30m ago, or an ISO date/time (UTC)")
+        command.add_argument("--until", help="end of the window (exclusive), same forms; default now")
     report.add_argument("--by", choices=GROUPINGS, help="also report per day, hour, route, user or session")
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
     report.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with charts")
     report.set_defaults(run=_report)
+    export.add_argument(
+        "--only",
+        default="negative",
+        help="negative (default), positive, commented, corrected, rating-below:<0-1>, or any",
+    )
+    export.add_argument("--output", default="-", help="JSONL file (default: standard output)")
+    export.add_argument("--dataset", metavar="NAME", help="also store as an MLflow evaluation dataset (full mlflow)")
+    export.set_defaults(run=_export)
     return top
 
 
@@ -182,6 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parse_time(value)
             except argparse.ArgumentTypeError as exc:
                 parser().error(str(exc))
+    if args.command == "export":
+        from .datasets import selector
+
+        try:
+            selector(args.only)
+        except ValueError as exc:
+            parser().error(str(exc))
     run: Any = args.run
     return int(run(args))
 

@@ -44,6 +44,11 @@ def _server_command() -> list[str]:
     pytest.exit("no `mlflow` server executable: run the tests with `make test`", returncode=3)
 
 
+def full_mlflow_python() -> Path:
+    """The Python of the environment with the full `mlflow` package (the one serving the tests)."""
+    return Path(_server_command()[0]).parent / "python"
+
+
 class MlflowServer:
     """A `mlflow server` process with a sqlite store, which tests may stop and start again."""
 

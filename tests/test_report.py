@@ -27,7 +27,8 @@ from mlflow_feedback_middleware.cli import main
 from mlflow_feedback_middleware.report import PAGE_SIZE, build_report, search_requests
 from mlflow_feedback_middleware.tracing import find_experiment
 
-from .support import ROOT, MlflowServer
+from .apps import build_app
+from .support import ROOT, MlflowServer, client_for, full_mlflow_python, get_trace
 
 N_TRACES = 560  # more than one page of search results
 DAY = 86400.0
@@ -297,3 +298,108 @@ def test_installed_command_writes_html_that_renders_in_chromium(seeded: Seeded, 
     shot = artifacts / "report.png"
     subprocess.run([chromium, *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
     assert shot.stat().st_size > 10_000  # a blank page is a few kB
+
+
+# -- evaluation datasets ---------------------------------------------------------------------------
+
+EVALUATE = """
+import json, sys
+import mlflow
+from mlflow.genai.scorers import scorer
+
+uri, experiment_id, path = sys.argv[1:4]
+mlflow.set_tracking_uri(uri)
+mlflow.set_experiment(experiment_id=experiment_id)
+records = [json.loads(line) for line in open(path)]
+data = [{k: r[k] for k in ("inputs", "outputs", "expectations") if r.get(k) is not None} for r in records]
+
+@scorer
+def repeats_the_question(inputs, outputs) -> bool:
+    return inputs["message"] in outputs["response"]
+
+@scorer
+def as_corrected(outputs, expectations) -> bool:
+    return outputs["response"] == expectations["expected_response"]
+
+result = mlflow.genai.evaluate(data=data, scorers=[repeats_the_question, as_corrected])
+print(json.dumps({"metrics": result.metrics, "rows": len(result.tables["eval_results"])}))
+"""
+
+STORE_DATASET = """
+import json, sys
+from mlflow.genai.datasets import get_dataset
+from mlflow_feedback_middleware.cli import main
+
+main(["export", *sys.argv[1:]])
+df = get_dataset(name=sys.argv[-1]).to_df()
+print(json.dumps({"records": len(df), "with_expectations": int(df["expectations"].notna().sum())}))
+"""
+
+
+@pytest.mark.anyio
+async def test_export_negative_feedback_as_records_that_mlflow_evaluates(
+    experiment_name: str, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    async with client_for(build_app(experiment_name=experiment_name, rate_limit=None)) as client:
+        answers = []
+        for i in range(6):
+            response = await client.post("/chat", json={"message": f"question {i}"}, headers={"X-User-ID": f"u{i}"})
+            answers.append(response.headers["x-mlflow-trace-id"])
+        for trace_id in answers:
+            get_trace(trace_id)
+        votes = [
+            (0, {"is_correct": False, "comment": "wrong"}),
+            (1, {"is_correct": True}),
+            (2, {"is_correct": False, "name": "correction", "value": "echo: the right answer"}),
+            (3, {"ratings": {"accuracy": 1}}),
+        ]
+        for i, body in votes:
+            sent = await client.post(f"/feedback?trace_id={answers[i]}", json=body, headers={"X-User-ID": f"u{i}"})
+            assert sent.status_code == 200, sent.text
+    mlflow.log_expectation(
+        trace_id=answers[0],
+        name="expected_response",
+        value="echo: question 0, but right",
+        source=AssessmentSource(source_type="HUMAN", source_id="reviewer"),
+    )
+    experiment_id = find_experiment(mlflow_server.url, experiment_name, None, create=False)
+    out = tmp_path / "negative.jsonl"
+    args = ["export", "--experiment", experiment_name, "--tracking-uri", mlflow_server.url, "--output", str(out)]
+    assert main(args) == 0
+    records = {r["trace_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {answers[0], answers[2]}
+    first = records[answers[0]]
+    assert first["inputs"] == {"message": "question 0"}
+    assert first["outputs"]["response"] == "echo: question 0"
+    assert first["expectations"] == {"expected_response": "echo: question 0, but right"}
+    assert [(f["name"], f["value"], f["rationale"], f["user"]) for f in first["feedback"]] == [
+        ("user_feedback", False, "wrong", "u0")
+    ]
+    assert records[answers[2]]["expectations"] == {"expected_response": "echo: the right answer"}
+    assert main([*args[:-1], str(tmp_path / "low.jsonl"), "--only", "rating-below:0.5"]) == 0
+    assert [json.loads(line)["trace_id"] for line in (tmp_path / "low.jsonl").read_text().splitlines()] == [answers[3]]
+
+    with pytest.raises(SystemExit, match="need the full `mlflow` package"):
+        main([*args, "--dataset", "thumbs-down"])  # this environment has mlflow-tracing only
+
+    mlflow_python = full_mlflow_python()
+    stored = subprocess.run(
+        [str(mlflow_python), "-c", STORE_DATASET, *args[1:], "--dataset", f"thumbs-down-{experiment_id}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert stored.returncode == 0, stored.stderr[-3000:]
+    assert json.loads(stored.stdout.strip().splitlines()[-1]) == {"records": 2, "with_expectations": 2}
+    evaluated = subprocess.run(
+        [str(mlflow_python), "-c", EVALUATE, mlflow_server.url, experiment_id, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 2
+    # Inputs, outputs and expectations all arrived: every answer repeats its question, none is as corrected.
+    assert result["metrics"]["repeats_the_question/mean"] == 1.0 and result["metrics"]["as_corrected/mean"] == 0.0
