@@ -4,7 +4,8 @@
 
 Starts its own `mlflow server` (sqlite, loopback), seeds `--traces` traces with end-user feedback on
 most of them, then, round by round and each in a fresh process, runs the guide's code (full `mlflow`,
-`MlflowClient`; its listing made to read every page, as it would otherwise stop at the first) and this
+`MlflowClient`; its listing made to read every page, as it would otherwise stop at the first, and
+`trace.data.assessments` read as `trace.info.assessments`, where MLflow 3 keeps them) and this
 library's report (`mlflow-tracing` only). Prints the median wall time of each, the ratio, and whether
 the six overall figures are identical.
 """
@@ -34,7 +35,7 @@ import mlflow
 from mlflow import MlflowClient
 
 def analyze_user_feedback(traces):
-    """Analyze feedback patterns from traces (MLflow's guide, verbatim)."""
+    """Analyze feedback patterns from traces (MLflow's guide; assessments now live on trace.info)."""
     client = MlflowClient()
     total_traces = len(traces)
     traces_with_feedback = 0
@@ -42,9 +43,9 @@ def analyze_user_feedback(traces):
     negative_count = 0
     for trace in traces:
         trace_detail = client.get_trace(trace.info.trace_id)
-        if trace_detail.data.assessments:
+        if trace_detail.info.assessments:
             traces_with_feedback += 1
-            for assessment in trace_detail.data.assessments:
+            for assessment in trace_detail.info.assessments:
                 if assessment.name == "user_feedback":
                     if assessment.value:
                         positive_count += 1

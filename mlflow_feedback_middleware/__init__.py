@@ -9,6 +9,7 @@ from .feedback_models import FeedbackRequest
 from .identity import AuthenticatedUserOrHeader, IdentityResolver
 from .limits import FeedbackLimits, RateLimit
 from .middleware import MlflowFeedbackMiddleware
+from .schema import Binary, Categorical, Choice, FeedbackSchema, Scale, Text
 from .tokens import FeedbackGrant, FeedbackTokens, TokenError
 
 __version__ = "0.1.0"
@@ -17,13 +18,19 @@ __all__ = [
     "DEFAULT_EXCLUDE_PATHS",
     "DEFAULT_REDACT_FIELDS",
     "AuthenticatedUserOrHeader",
+    "Binary",
+    "Categorical",
+    "Choice",
     "FeedbackGrant",
     "FeedbackLimits",
     "FeedbackRequest",
+    "FeedbackSchema",
     "FeedbackTokens",
     "IdentityResolver",
     "MlflowFeedbackMiddleware",
     "RateLimit",
+    "Scale",
+    "Text",
     "TokenError",
     "__version__",
     "get_client_request_id",

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import mlflow
 
 from .report import GROUPINGS, build_report, search_requests
+from .schema import FeedbackSchema
 from .tracing import find_experiment
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -136,12 +137,13 @@ def _report(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
     window = {"since": _iso(since), "until": _iso(until)}
-    report = build_report(requests, args.by, experiment=args.experiment or experiment_id, window=window)
+    schema = FeedbackSchema.load(args.schema) if args.schema else None
+    report = build_report(requests, args.by, schema, experiment=args.experiment or experiment_id, window=window)
     if args.html:
         from .report_html import write_html
 
         by_time = args.by if args.by in ("day", "hour") else "day"
-        timeline = report["groups"] if args.by == by_time else build_report(requests, by_time)["groups"]
+        timeline = report["groups"] if args.by == by_time else build_report(requests, by_time, schema)["groups"]
         write_html(report, timeline, args.html)
     if args.format == "json":
         sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -198,6 +200,7 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--by", choices=GROUPINGS, help="also report per day, hour, route, user or session")
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
     report.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with charts")
+    report.add_argument("--schema", metavar="FILE", help="feedback schema (TOML or JSON): what counts as positive")
     report.set_defaults(run=_report)
     export.add_argument(
         "--only",

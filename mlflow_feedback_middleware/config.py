@@ -12,6 +12,7 @@ from starlette.requests import HTTPConnection
 from .capture import normalise_field, redact
 from .identity import AuthenticatedUserOrHeader, IdentityResolver, resolve_user
 from .limits import FeedbackLimits, RateLimit
+from .schema import FeedbackSchema
 
 # Requests that are not answers a user could rate: API docs, browsers' icon probes and health checks.
 # Tracing them would only dilute the feedback rate. Passing `exclude_paths` replaces this list.
@@ -79,6 +80,7 @@ class Settings:
     feedback_limits: FeedbackLimits = field(default_factory=FeedbackLimits)
     rate_limit: RateLimit | None = field(default_factory=RateLimit)
     redact_fields: Iterable[str] = DEFAULT_REDACT_FIELDS
+    feedback_schema: FeedbackSchema | None = None
     _exclude: tuple[re.Pattern[str], ...] = field(init=False, repr=False)
     _identity: IdentityResolver = field(init=False, repr=False)
     _redact: frozenset[str] = field(init=False, repr=False)

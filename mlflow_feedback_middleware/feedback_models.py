@@ -35,6 +35,25 @@ MAX_ITEMS = 50
 SEED_FEEDBACK_NAME = "user_feedback"
 RATING_PREFIX = "user_"
 
+_TRUE = {True, "1", "true", "up", "yes", "👍"}
+_FALSE = {False, "0", "false", "down", "no", "👎"}
+
+
+def binary_value(value: Any) -> bool:
+    """A thumbs vote as a boolean, from true/false, 1/0, "up"/"down" or "👍"/"👎"; ValueError otherwise."""
+    key = value.strip().lower() if isinstance(value, str) else value
+    if isinstance(key, float) and key in (0.0, 1.0):
+        key = int(key)
+    try:
+        if key in _TRUE:
+            return True
+        if key in _FALSE:
+            return False
+    except TypeError:  # unhashable (a list or an object)
+        pass
+    raise ValueError("must be true/false, 1/0, up/down or 👍/👎")
+
+
 Text = Annotated[StrictStr, Field(max_length=MAX_TEXT)]
 Scalar = StrictBool | StrictInt | StrictFloat | Text
 FeedbackValue = Scalar | Annotated[list[Scalar], Field(max_length=MAX_ITEMS)] | dict[str, Scalar]
@@ -48,13 +67,20 @@ class FeedbackRequest(BaseModel):
 
     trace_id: StrictStr | None = None
     client_request_id: StrictStr | None = None
-    is_correct: bool | None = Field(None, description="Thumbs up (true) or down (false); the seed's shape.")
+    is_correct: bool | None = Field(
+        None, description='Thumbs up or down: true/false, 1/0, "up"/"down" or "👍"/"👎"; the seed\'s shape.'
+    )
     comment: Text | None = Field(None, description="Free text from the user; stored as the rationale.")
     name: Name | None = Field(None, description="Assessment name for a custom `value`.")
     value: FeedbackValue | None = None
     rationale: Text | None = None
     metadata: Annotated[dict[Name, Scalar], Field(max_length=MAX_ITEMS)] | None = None
     ratings: Annotated[dict[Name, StrictInt | StrictFloat], Field(min_length=1, max_length=MAX_ITEMS)] | None = None
+
+    @field_validator("is_correct", mode="before")
+    @classmethod
+    def _thumbs(cls, value: Any) -> bool | None:
+        return None if value is None else binary_value(value)
 
     @field_validator("trace_id")
     @classmethod
@@ -73,7 +99,10 @@ class FeedbackRequest(BaseModel):
     @field_validator("ratings")
     @classmethod
     def _ratings_in_scale(cls, value: dict[str, float] | None, info: ValidationInfo) -> dict[str, float] | None:
-        low, high = (info.context or {}).get("rating_scale", (1, 5))
+        scale = (info.context or {}).get("rating_scale")
+        if scale is None:  # a declared feedback schema checks each scale
+            return value
+        low, high = scale
         for dimension, rating in (value or {}).items():
             if not low <= rating <= high:
                 raise ValueError(f"rating {dimension!r} is {rating}, outside the scale {low:g} to {high:g}")

@@ -27,6 +27,7 @@ from .ids import clean_principal_id
 from .limits import RateLimiter
 from .outbox import DELIVERED, Item
 from .registry import RecentTraces
+from .schema import SchemaError, default_schema
 from .tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .tracing import MlflowBackend, logger
 
@@ -74,7 +75,8 @@ class FeedbackRoutes:
     the delivery thread, so tracking-server calls stuck in MLflow's retries never keep feedback from
     being accepted.
 
-    ``POST {path}`` takes feedback; ``GET {path}/health`` reports the backend and the outbox;
+    ``POST {path}`` takes feedback; ``GET {path}/schema`` describes what it takes (for frontends);
+    ``GET {path}/health`` reports the backend and the outbox;
     ``GET {path}/<feedback_id>`` tells what became of one accepted feedback.
     """
 
@@ -94,6 +96,7 @@ class FeedbackRoutes:
         self._recent = recent
         self._delivery = delivery
         self._tokens = tokens
+        self._schema = settings.feedback_schema
         self._token_header = settings.feedback_token_header
         self._limiter = RateLimiter(settings.rate_limit) if settings.rate_limit is not None else None
 
@@ -116,6 +119,9 @@ class FeedbackRoutes:
             response.headers["Allow"] = "POST"
         elif path == self._prefix + "health" and request.method == "GET":
             response = await self._health()
+        elif path == self._prefix + "schema" and request.method == "GET":
+            schema = self._schema.to_dict() if self._schema else default_schema(self._settings.rating_scale)
+            response = JSONResponse(schema)
         elif _FEEDBACK_ID.fullmatch(path[len(self._prefix) :]) and request.method == "GET":
             item = await asyncio.to_thread(self._delivery.outbox.get, path[len(self._prefix) :])
             response = JSONResponse(item.to_public()) if item else _error(404, "no such feedback")
@@ -157,7 +163,9 @@ class FeedbackRoutes:
             raise _BadRequest(400, "give either trace_id or client_request_id, not both", "trace_id")
 
         try:
-            feedback = FeedbackRequest.model_validate(data, context={"rating_scale": self._settings.rating_scale})
+            # With a declared schema its scales give the ranges, checked below.
+            scale = None if self._schema is not None else self._settings.rating_scale
+            feedback = FeedbackRequest.model_validate(data, context={"rating_scale": scale})
         except ValidationError as exc:
             errors = [
                 {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
@@ -181,7 +189,15 @@ class FeedbackRoutes:
             if feedback.client_request_id is not None and feedback.client_request_id != grant.client_request_id:
                 raise _BadRequest(403, "the feedback token was issued for another request", "feedback_token")
             trace_id = grant.trace_id  # signed by this service: no search needed
-        assessments = to_assessments(feedback, self._settings.rating_scale[1])
+        try:
+            assessments = (
+                self._schema.to_assessments(feedback)
+                if self._schema is not None
+                else to_assessments(feedback, self._settings.rating_scale[1])
+            )
+        except SchemaError as exc:
+            errors = [{"field": exc.field, "message": exc.message}]
+            return _error(422, f"invalid feedback: {exc.field}: {exc.message}", errors)
         if self._backend.disabled_reason is not None:
             return _error(503, "MLflow tracing is disabled in this service, so no feedback can be stored")
         if trace_id is None:

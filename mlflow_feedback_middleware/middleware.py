@@ -33,6 +33,7 @@ from .identity import IdentityResolver
 from .limits import FeedbackLimits, RateLimit
 from .outbox import Outbox
 from .registry import RecentTraces
+from .schema import FeedbackSchema
 from .tokens import FeedbackTokens, as_secret_list
 from .tracing import MlflowBackend
 
@@ -81,6 +82,7 @@ class MlflowFeedbackMiddleware:
         feedback_limits: FeedbackLimits | None = None,
         rate_limit: RateLimit | None = _DEFAULT,
         redact_fields: Iterable[str] = DEFAULT_REDACT_FIELDS,
+        feedback_schema: FeedbackSchema | str | os.PathLike[str] | None = None,
     ) -> None:
         self.app = app
         self.settings = settings = Settings(
@@ -114,6 +116,11 @@ class MlflowFeedbackMiddleware:
             feedback_limits=feedback_limits or FeedbackLimits(),
             rate_limit=rate_limit,
             redact_fields=redact_fields,
+            feedback_schema=(
+                feedback_schema
+                if feedback_schema is None or isinstance(feedback_schema, FeedbackSchema)
+                else FeedbackSchema.load(feedback_schema)
+            ),
         )
         # ASGI header names arrive lower-cased as bytes; compare against these without re-encoding.
         self.trace_id_header_key = settings.trace_id_header.lower().encode()

@@ -21,6 +21,7 @@ from typing import Any
 from mlflow.entities import Assessment, Trace
 
 from .feedback_models import RATING_PREFIX, SEED_FEEDBACK_NAME
+from .schema import FeedbackSchema
 
 PAGE_SIZE = 500  # the tracking server's largest page for trace searches
 LATEST_COMMENTS = 10
@@ -127,13 +128,15 @@ def search_requests(
             return
 
 
-def summarize(requests: Iterable[TracedRequest]) -> dict[str, Any]:
+def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None = None) -> dict[str, Any]:
     """The report's figures over some traced requests.
 
     The overall figures keep the names and meanings of MLflow's guide (`analyze_user_feedback`):
     `feedback_rate` is the percentage of traced requests with any feedback, `positive_rate` the positive
     thumbs per request with feedback, in percent. `ratings` are the `user_<dimension>` values (0-1).
+    With a `schema`, its binary fields and the polarity of its categorical choices say what is positive.
     """
+    polarity_of = (lambda v: schema.polarity(v.name, v.value)) if schema is not None else is_positive
     total = with_feedback = positive = negative = 0
     ratings: dict[str, list[float]] = {}
     categories: dict[str, Counter[str]] = {}
@@ -144,15 +147,13 @@ def summarize(requests: Iterable[TracedRequest]) -> dict[str, Any]:
             continue
         with_feedback += 1
         for vote in request.votes:
-            polarity = is_positive(vote)
+            polarity = polarity_of(vote)
             if polarity is True:
                 positive += 1
             elif polarity is False:
                 negative += 1
                 if vote.rationale:
                     negative_comments.append(vote)
-            if polarity is not None:
-                continue
             if vote.name.startswith(RATING_PREFIX) and _is_number(vote.value):
                 ratings.setdefault(vote.name[len(RATING_PREFIX) :], []).append(float(vote.value))
             elif isinstance(vote.value, str):
@@ -183,18 +184,20 @@ def group_key(request: TracedRequest, by: str) -> str:
     return value or "(none)"
 
 
-def build_report(requests: Iterable[TracedRequest], by: str | None = None, **context: Any) -> dict[str, Any]:
+def build_report(
+    requests: Iterable[TracedRequest], by: str | None = None, schema: FeedbackSchema | None = None, **context: Any
+) -> dict[str, Any]:
     """The overall figures, plus the same figures per group when `by` is one of `GROUPINGS`."""
     if by is not None and by not in GROUPINGS:
         raise ValueError(f"cannot group by {by!r}; choose one of {', '.join(GROUPINGS)}")
     rows = list(requests)
-    report: dict[str, Any] = {**context, **summarize(rows)}
+    report: dict[str, Any] = {**context, **summarize(rows, schema)}
     if by is not None:
         groups: dict[str, list[TracedRequest]] = {}
         for row in rows:
             groups.setdefault(group_key(row, by), []).append(row)
         report["grouped_by"] = by
-        report["groups"] = {key: summarize(groups[key]) for key in sorted(groups)}
+        report["groups"] = {key: summarize(groups[key], schema) for key in sorted(groups)}
     return report
 
 
