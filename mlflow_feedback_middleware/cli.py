@@ -14,36 +14,16 @@ import argparse
 import csv
 import io
 import json
-import re
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import mlflow
 
-from .report import GROUPINGS, build_report, search_requests
+from .report import GROUPINGS, build_report, parse_time, search_requests
 from .schema import FeedbackSchema
 from .tracing import find_experiment
-
-_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_time(text: str, now: float | None = None) -> int:
-    """Milliseconds since the epoch for ``24h`` / ``7d`` / ``30m`` ago, or an ISO date or time (UTC if no zone)."""
-    now = time.time() if now is None else now
-    relative = _RELATIVE.fullmatch(text.strip())
-    if relative:
-        return int((now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]) * 1000)
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a duration (24h, 7d, 30m) nor an ISO date") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
 
 
 def _experiment_id(name: str | None, experiment_id: str | None) -> str:
@@ -220,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value:
             try:
                 parse_time(value)
-            except argparse.ArgumentTypeError as exc:
+            except ValueError as exc:
                 parser().error(str(exc))
     if args.command == "export":
         from .datasets import selector

@@ -81,6 +81,7 @@ class Settings:
     rate_limit: RateLimit | None = field(default_factory=RateLimit)
     redact_fields: Iterable[str] = DEFAULT_REDACT_FIELDS
     feedback_schema: FeedbackSchema | None = None
+    summary_token: str | None = None  # enables GET {feedback_path}/summary for holders of this bearer token
     _exclude: tuple[re.Pattern[str], ...] = field(init=False, repr=False)
     _identity: IdentityResolver = field(init=False, repr=False)
     _redact: frozenset[str] = field(init=False, repr=False)
@@ -114,6 +115,8 @@ class Settings:
         for name in ("feedback_wait_seconds", "feedback_sync_seconds", "trace_wait_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be zero or more")
+        if self.summary_token is not None and len(self.summary_token) < 16:
+            raise ValueError("summary_token must be at least 16 characters")
         if not self.feedback_token_ttl_seconds > 0:
             raise ValueError("feedback_token_ttl_seconds must be positive")
         if isinstance(self.redact_fields, str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -27,6 +28,7 @@ from .ids import clean_principal_id
 from .limits import RateLimiter
 from .outbox import DELIVERED, Item
 from .registry import RecentTraces
+from .report import GROUPINGS, build_report, parse_time, search_requests
 from .schema import SchemaError, default_schema
 from .tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .tracing import MlflowBackend, logger
@@ -119,6 +121,8 @@ class FeedbackRoutes:
             response.headers["Allow"] = "POST"
         elif path == self._prefix + "health" and request.method == "GET":
             response = await self._health()
+        elif path == self._prefix + "summary" and request.method == "GET" and self._settings.summary_token:
+            response = await self._summary(request)
         elif path == self._prefix + "schema" and request.method == "GET":
             schema = self._schema.to_dict() if self._schema else default_schema(self._settings.rating_scale)
             response = JSONResponse(schema)
@@ -128,6 +132,33 @@ class FeedbackRoutes:
         else:
             response = _error(404, f"no feedback route at {path}")
         await response(scope, receive, send)
+
+    async def _summary(self, request: Request) -> JSONResponse:
+        """The report over a recent window (``?since=24h&by=day``), for dashboards holding the admin token."""
+        expected = f"Bearer {self._settings.summary_token}".encode()
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            return _error(401, "the summary needs the admin token", headers={"WWW-Authenticate": "Bearer"})
+        by = request.query_params.get("by")
+        if by is not None and by not in GROUPINGS:
+            return _error(422, f"by must be one of: {', '.join(GROUPINGS)}", [{"field": "by", "message": "unknown"}])
+        since = request.query_params.get("since", "24h")
+        try:
+            since_ms = parse_time(since)
+        except ValueError as exc:
+            return _error(422, str(exc), [{"field": "since", "message": str(exc)}])
+        experiment_id = await self._backend.ready(self._settings.startup_timeout_seconds)
+        if experiment_id is None:
+            return _error(503, "the MLflow experiment is not available")
+
+        def build() -> dict[str, Any]:
+            rows = search_requests(experiment_id, since_ms)
+            return build_report(rows, by, self._schema, experiment_id=experiment_id, since=since)
+
+        try:
+            return JSONResponse(await asyncio.to_thread(build))
+        except Exception as exc:  # the tracking server is down or refused the search
+            logger.warning("feedback summary failed: %s", exc)
+            return _error(503, "the tracking server could not be searched; try again later")
 
     async def _health(self) -> JSONResponse:
         """Backend reachability and outbox figures; 503 while feedback cannot reach MLflow."""

@@ -83,6 +83,7 @@ class MlflowFeedbackMiddleware:
         rate_limit: RateLimit | None = _DEFAULT,
         redact_fields: Iterable[str] = DEFAULT_REDACT_FIELDS,
         feedback_schema: FeedbackSchema | str | os.PathLike[str] | None = None,
+        summary_token: str | None = None,
     ) -> None:
         self.app = app
         self.settings = settings = Settings(
@@ -116,6 +117,7 @@ class MlflowFeedbackMiddleware:
             feedback_limits=feedback_limits or FeedbackLimits(),
             rate_limit=rate_limit,
             redact_fields=redact_fields,
+            summary_token=summary_token or os.environ.get("MLFLOW_FEEDBACK_SUMMARY_TOKEN") or None,
             feedback_schema=(
                 feedback_schema
                 if feedback_schema is None or isinstance(feedback_schema, FeedbackSchema)

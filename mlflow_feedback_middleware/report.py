@@ -11,7 +11,9 @@ valid (one that was overridden is not).
 
 from __future__ import annotations
 
+import re
 import statistics
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -85,6 +87,25 @@ def traced_request(trace: Trace) -> TracedRequest:
         session=metadata.get(_SESSION_KEY),
         votes=_human_votes(info.trace_id, info.assessments or ()),
     )
+
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: str, now: float | None = None) -> int:
+    """Milliseconds since the epoch for ``24h`` / ``7d`` / ``30m`` ago, or an ISO date or time (UTC if no zone)."""
+    now = time.time() if now is None else now
+    relative = _RELATIVE.fullmatch(text.strip())
+    if relative:
+        return int((now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]) * 1000)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a duration (24h, 7d, 30m) nor an ISO date") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
 
 
 def window_filter(since_ms: int | None, until_ms: int | None) -> str | None:

@@ -403,3 +403,21 @@ async def test_export_negative_feedback_as_records_that_mlflow_evaluates(
     assert result["rows"] == 2
     # Inputs, outputs and expectations all arrived: every answer repeats its question, none is as corrected.
     assert result["metrics"]["repeats_the_question/mean"] == 1.0 and result["metrics"]["as_corrected/mean"] == 0.0
+
+
+@pytest.mark.anyio
+async def test_the_summary_route_needs_opt_in_and_the_admin_token(seeded: Seeded) -> None:
+    admin = "admin-token-0123456789abcdef"
+    async with client_for(build_app(experiment_name=seeded.experiment)) as client:
+        assert (await client.get("/feedback/summary")).status_code == 404  # not enabled: no such route
+    async with client_for(build_app(experiment_name=seeded.experiment, summary_token=admin)) as client:
+        assert (await client.get("/feedback/summary")).status_code == 401
+        wrong = await client.get("/feedback/summary", headers={"Authorization": "Bearer not-the-token-at-all"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        bad = await client.get("/feedback/summary?since=yesterday", headers={"Authorization": f"Bearer {admin}"})
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "since"
+        ok = await client.get("/feedback/summary?since=36h&by=route", headers={"Authorization": f"Bearer {admin}"})
+    assert ok.status_code == 200, ok.text
+    summary = ok.json()
+    _check(summary, seeded.expected(_window(seeded, seeded.now - 1.5 * DAY)))
+    assert set(summary["groups"]) == {"POST /chat", "POST /chat/stream"}
