@@ -97,11 +97,11 @@ def parse_time(text: str, now: float | None = None) -> int:
     """Milliseconds since the epoch for ``24h`` / ``7d`` / ``30m`` ago, or an ISO date or time (UTC if no zone)."""
     now = time.time() if now is None else now
     relative = _RELATIVE.fullmatch(text.strip())
-    if relative:
-        return int((now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]) * 1000)
     try:
+        if relative:
+            return int((now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]) * 1000)
         moment = datetime.fromisoformat(text.strip())
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ValueError(f"{text!r} is neither a duration (24h, 7d, 30m) nor an ISO date") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
