@@ -4,7 +4,7 @@ app.add_middleware(MlflowFeedbackMiddleware)
 """
 
 from .config import DEFAULT_EXCLUDE_PATHS, DEFAULT_REDACT_FIELDS
-from .context import get_client_request_id, get_feedback_token, get_trace_id
+from .context import TraceIdLogFilter, get_client_request_id, get_feedback_token, get_trace_id
 from .feedback_models import FeedbackRequest
 from .identity import AuthenticatedUserOrHeader, IdentityResolver
 from .limits import FeedbackLimits, RateLimit
@@ -32,6 +32,7 @@ __all__ = [
     "Scale",
     "Text",
     "TokenError",
+    "TraceIdLogFilter",
     "__version__",
     "get_client_request_id",
     "get_feedback_token",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -34,3 +35,19 @@ def get_feedback_token() -> str | None:
     """The feedback token of the request being handled (None without a secret or outside a traced request)."""
     ids = current_ids.get()
     return ids.feedback_token if ids else None
+
+
+class TraceIdLogFilter(logging.Filter):
+    """Puts ``mlflow_trace_id`` and ``client_request_id`` on every log record ("-" outside a traced request).
+
+    Add it to a handler, then use the fields in its format::
+
+        handler.addFilter(TraceIdLogFilter())
+        handler.setFormatter(logging.Formatter("%(levelname)s [%(mlflow_trace_id)s %(client_request_id)s] %(message)s"))
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ids = current_ids.get()
+        record.mlflow_trace_id = ids.trace_id if ids else "-"
+        record.client_request_id = ids.client_request_id if ids else "-"
+        return True

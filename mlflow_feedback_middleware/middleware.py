@@ -16,6 +16,7 @@ those traces is accepted at ``POST /feedback``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import DEFAULT_EXCLUDE_PATHS, DEFAULT_OUTBOX_PATH, DEFAULT_REDACT_FIELDS, Settings
 from .delivery import FeedbackDelivery
+from .env_config import apply_environment
 from .exchange import TracedExchange
 from .feedback_routes import FeedbackRoutes
 from .identity import IdentityResolver
@@ -85,44 +87,20 @@ class MlflowFeedbackMiddleware:
         feedback_schema: FeedbackSchema | str | os.PathLike[str] | None = None,
         summary_token: str | None = None,
     ) -> None:
+        # Every argument still at its default may come from MLFLOW_FEEDBACK_<NAME> (see env_config).
+        given = {name: value for name, value in locals().items() if name not in ("self", "app")}
+        options = apply_environment(given, _ARGUMENT_DEFAULTS)
         self.app = app
+        schema = options.pop("feedback_schema")
+        outbox = options.pop("outbox_path")
         self.settings = settings = Settings(
-            experiment_name=experiment_name,
-            tracking_uri=tracking_uri,
-            feedback_path=feedback_path,
-            trace_id_header=trace_id_header,
-            request_id_header=request_id_header,
-            user_id_header=user_id_header,
-            session_id_header=session_id_header,
-            exclude_paths=exclude_paths,
-            sse_final_event=sse_final_event,
-            sse_event_name=sse_event_name,
-            capture_request_body=capture_request_body,
-            capture_response_body=capture_response_body,
-            max_capture_bytes=max_capture_bytes,
-            max_feedback_body_bytes=max_feedback_body_bytes,
-            feedback_wait_seconds=feedback_wait_seconds,
-            feedback_sync_seconds=feedback_sync_seconds,
-            trace_wait_seconds=trace_wait_seconds,
-            outbox_path=_outbox_path(outbox_path),
-            rating_scale=rating_scale,
-            startup_timeout_seconds=startup_timeout_seconds,
-            shutdown_timeout_seconds=shutdown_timeout_seconds,
-            mlflow_threads=mlflow_threads,
-            export=export,
-            feedback_secrets=tuple(_secrets(feedback_secret)),
-            feedback_token_ttl_seconds=feedback_token_ttl_seconds,
-            feedback_token_header=feedback_token_header,
-            identity=identity,
-            feedback_limits=feedback_limits or FeedbackLimits(),
-            rate_limit=rate_limit,
-            redact_fields=redact_fields,
-            summary_token=summary_token or os.environ.get("MLFLOW_FEEDBACK_SUMMARY_TOKEN") or None,
-            feedback_schema=(
-                feedback_schema
-                if feedback_schema is None or isinstance(feedback_schema, FeedbackSchema)
-                else FeedbackSchema.load(feedback_schema)
-            ),
+            **{k: v for k, v in options.items() if k not in ("feedback_secret", "feedback_limits")},
+            outbox_path=None if outbox is None else os.fspath(outbox),
+            feedback_secrets=tuple(_secrets(options["feedback_secret"])),
+            feedback_limits=options["feedback_limits"] or FeedbackLimits(),
+            feedback_schema=schema
+            if schema is None or isinstance(schema, FeedbackSchema)
+            else FeedbackSchema.load(schema),
         )
         # ASGI header names arrive lower-cased as bytes; compare against these without re-encoding.
         self.trace_id_header_key = settings.trace_id_header.lower().encode()
@@ -141,14 +119,16 @@ class MlflowFeedbackMiddleware:
                 " feedback. Set feedback_secret= or MLFLOW_FEEDBACK_SECRET to require signed feedback tokens.",
                 settings.feedback_path,
             )
-        self.backend = MlflowBackend(tracking_uri, experiment_name, settings.mlflow_threads, export)
+        self.backend = MlflowBackend(
+            settings.tracking_uri, settings.experiment_name, settings.mlflow_threads, settings.export
+        )
         self.recent = RecentTraces()
         self.delivery = FeedbackDelivery(
             # Without feedback routes nothing is ever queued: no file to create.
             _open_outbox(settings.outbox_path if settings.feedback_path is not None else None),
             self.backend,
             self.recent,
-            _destination(experiment_name),
+            _destination(settings.experiment_name),
             unknown_wait=settings.feedback_wait_seconds,
             known_wait=settings.trace_wait_seconds,
             exit_timeout=settings.shutdown_timeout_seconds,
@@ -209,10 +189,11 @@ class MlflowFeedbackMiddleware:
         return lifespan_send
 
 
-def _outbox_path(path: str | os.PathLike[str] | None) -> str | None:
-    if path == DEFAULT_OUTBOX_PATH:
-        return os.environ.get("MLFLOW_FEEDBACK_OUTBOX") or DEFAULT_OUTBOX_PATH
-    return None if path is None else os.fspath(path)
+_ARGUMENT_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(MlflowFeedbackMiddleware.__init__).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
 
 
 def _secrets(secret: str | bytes | Sequence[str | bytes] | None) -> list[bytes]:
