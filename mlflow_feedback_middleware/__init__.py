@@ -9,6 +9,7 @@ from .feedback_models import FeedbackRequest
 from .identity import AuthenticatedUserOrHeader, IdentityResolver
 from .limits import FeedbackLimits, RateLimit
 from .middleware import MlflowFeedbackMiddleware
+from .openapi import document_feedback_routes
 from .schema import Binary, Categorical, Choice, FeedbackSchema, Scale, Text
 from .tokens import FeedbackGrant, FeedbackTokens, TokenError
 
@@ -34,6 +35,7 @@ __all__ = [
     "TokenError",
     "TraceIdLogFilter",
     "__version__",
+    "document_feedback_routes",
     "get_client_request_id",
     "get_feedback_token",
     "get_trace_id",

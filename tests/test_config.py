@@ -7,7 +7,12 @@ from typing import Any
 
 import pytest
 
-from mlflow_feedback_middleware import MlflowFeedbackMiddleware, TraceIdLogFilter
+from mlflow_feedback_middleware import (
+    FeedbackRequest,
+    MlflowFeedbackMiddleware,
+    TraceIdLogFilter,
+    document_feedback_routes,
+)
 from mlflow_feedback_middleware.env_config import PARSERS, variable
 
 from .apps import build_app
@@ -92,3 +97,40 @@ async def test_log_records_carry_the_request_ids(experiment_name: str) -> None:
     finally:
         log.removeHandler(records)
     assert records.lines == [f"{response.headers['x-mlflow-trace-id']} req-logged-1 inside", "- - outside"]
+
+
+async def test_fastapi_apps_can_show_the_feedback_routes_in_openapi(experiment_name: str) -> None:
+    plain = build_app(experiment_name=experiment_name)
+    async with client_for(plain) as client:
+        assert "/feedback" not in (await client.get("/openapi.json")).json()["paths"]  # opt-in only
+    app = build_app(experiment_name=experiment_name, feedback_secret="openapi-secret-0123456789")
+    document_feedback_routes(app, token_header="X-MLflow-Feedback-Token")
+    async with client_for(app) as client:
+        document = (await client.get("/openapi.json")).json()
+        docs = await client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    post = document["paths"]["/feedback"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/FeedbackRequest"
+    }
+    assert set(post["responses"]) >= {"200", "202", "401", "403", "404", "422", "429"}
+    assert "X-MLflow-Feedback-Token" in {p["name"] for p in post["parameters"]}
+    request_schema = document["components"]["schemas"]["FeedbackRequest"]
+    assert {"trace_id", "is_correct", "comment", "ratings", "name", "value"} <= set(request_schema["properties"])
+    for example in post["requestBody"]["content"]["application/json"]["examples"].values():
+        FeedbackRequest.model_validate(example["value"])  # the examples are valid requests
+    assert "/chat" in document["paths"] and "/feedback/{feedback_id}" in document["paths"]
+    _refs_resolve(document, document)
+
+
+def _refs_resolve(node: Any, document: dict[str, Any]) -> None:
+    """Every $ref in the document points at a schema it defines."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            assert ref.rsplit("/", 1)[1] in document["components"]["schemas"], ref
+        for value in node.values():
+            _refs_resolve(value, document)
+    elif isinstance(node, list):
+        for value in node:
+            _refs_resolve(value, document)
