@@ -12,6 +12,7 @@ from .middleware import MlflowFeedbackMiddleware
 from .openapi import document_feedback_routes
 from .schema import Binary, Categorical, Choice, FeedbackSchema, Scale, Text
 from .tokens import FeedbackGrant, FeedbackTokens, TokenError
+from .websocket import Turn, traced_turn
 
 __version__ = "0.1.0"
 
@@ -34,9 +35,11 @@ __all__ = [
     "Text",
     "TokenError",
     "TraceIdLogFilter",
+    "Turn",
     "__version__",
     "document_feedback_routes",
     "get_client_request_id",
     "get_feedback_token",
     "get_trace_id",
+    "traced_turn",
 ]

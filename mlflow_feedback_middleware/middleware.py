@@ -38,6 +38,7 @@ from .registry import RecentTraces
 from .schema import FeedbackSchema
 from .tokens import FeedbackTokens, as_secret_list
 from .tracing import MlflowBackend
+from .websocket import STATE_KEY as WEBSOCKET_STATE_KEY
 
 _DEFAULT = RateLimit()
 
@@ -148,6 +149,8 @@ class MlflowFeedbackMiddleware:
         if kind != "http":
             if kind == "lifespan":
                 receive, send = self._lifespan_receive(receive), self._lifespan_send(send)
+            elif kind == "websocket":  # traced per turn by the handler: see traced_turn
+                scope.setdefault("state", {})[WEBSOCKET_STATE_KEY] = self
             await self.app(scope, receive, send)
             return
         self.delivery.start()  # replays what an earlier process left, where no lifespan ran

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from mlflow_feedback_middleware import MlflowFeedbackMiddleware, get_client_request_id, get_trace_id
+from mlflow_feedback_middleware import MlflowFeedbackMiddleware, get_client_request_id, get_trace_id, traced_turn
 
 
 class ChatRequest(BaseModel):
@@ -162,6 +162,15 @@ def build_app(**middleware_kwargs: Any) -> FastAPI:
         text = await websocket.receive_text()
         await websocket.send_text(f"echo {text}")
         await websocket.close()
+
+    @app.websocket("/ws/chat")
+    async def ws_chat(websocket: WebSocket) -> None:
+        await websocket.accept()
+        async for message in websocket.iter_text():
+            async with traced_turn(websocket, inputs={"message": message}) as turn:
+                answer = await fake_llm_async(message)
+                await websocket.send_json({"type": "answer", "text": answer, "trace_id": get_trace_id()})
+                turn.set_outputs({"response": answer})
 
     app.add_middleware(MlflowFeedbackMiddleware, **middleware_kwargs)
     return app
