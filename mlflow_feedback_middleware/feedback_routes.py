@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
+import importlib.resources
 import json
 import math
 import re
@@ -16,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from .config import Settings
@@ -78,6 +80,7 @@ class FeedbackRoutes:
     being accepted.
 
     ``POST {path}`` takes feedback; ``GET {path}/schema`` describes what it takes (for frontends);
+    ``GET {path}/client.js`` is the browser client;
     ``GET {path}/health`` reports the backend and the outbox;
     ``GET {path}/<feedback_id>`` tells what became of one accepted feedback.
     """
@@ -109,6 +112,7 @@ class FeedbackRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         path: str = scope["path"]
+        response: Response
         if path == self._path and request.method == "POST":
             try:
                 response = await self._post(request)
@@ -123,6 +127,9 @@ class FeedbackRoutes:
             response = await self._health()
         elif path == self._prefix + "summary" and request.method == "GET" and self._settings.summary_token:
             response = await self._summary(request)
+        elif path == self._prefix + "client.js" and request.method == "GET":
+            response = Response(_client_js(), media_type="text/javascript; charset=utf-8")
+            response.headers["Cache-Control"] = "public, max-age=300"
         elif path == self._prefix + "schema" and request.method == "GET":
             schema = self._schema.to_dict() if self._schema else default_schema(self._settings.rating_scale)
             response = JSONResponse(schema)
@@ -331,6 +338,11 @@ class FeedbackRoutes:
         if not isinstance(data, dict):
             raise _BadRequest(422, "the body must be a JSON object", "body")
         return data
+
+
+@functools.cache
+def _client_js() -> bytes:
+    return (importlib.resources.files(__package__) / "static" / "client.js").read_bytes()
 
 
 def _idempotent_id(destination: str, source_id: str, key: str) -> str:

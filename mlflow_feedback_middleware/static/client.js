@@ -1,0 +1,213 @@
+// mlflow-feedback-middleware browser client: no dependencies, an ES module.
+//
+//   import { idsFromResponse, readEventStream, FeedbackControl } from "/feedback/client.js";
+//
+//   const res = await fetch("/chat", {method: "POST", body: ...});
+//   const control = new FeedbackControl(container);      // disabled until the IDs are known
+//   control.setIds(idsFromResponse(res));               // or: the ids readEventStream returns
+//
+// Feedback that cannot be sent (offline, network error) waits in localStorage and is sent when the
+// browser is back online; every vote carries an Idempotency-Key, so a retry is never counted twice.
+
+const TRACE_HEADER = "X-MLflow-Trace-Id";
+const REQUEST_HEADER = "X-Request-ID";
+const TOKEN_HEADER = "X-MLflow-Feedback-Token";
+const QUEUE_KEY = "mlflow-feedback-queue";
+const DEFAULT_ENDPOINT = new URL(".", import.meta.url).pathname.replace(/\/$/, "");
+
+/** The IDs a traced response carries in its headers ({traceId, clientRequestId, feedbackToken}). */
+export function idsFromResponse(response) {
+  return {
+    traceId: response.headers.get(TRACE_HEADER),
+    clientRequestId: response.headers.get(REQUEST_HEADER),
+    feedbackToken: response.headers.get(TOKEN_HEADER),
+  };
+}
+
+/**
+ * Read a text/event-stream response, calling onEvent(name, data) for each event but the middleware's
+ * final `mlflow_trace` event, whose IDs it returns ({traceId, clientRequestId, feedbackToken}).
+ */
+export async function readEventStream(response, onEvent, traceEvent = "mlflow_trace") {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let ids = idsFromResponse(response);
+  const handle = (block) => {
+    let name = "message";
+    const data = [];
+    for (const line of block.split(/\r\n|\n|\r/)) {
+      if (line.startsWith("event:")) name = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+    }
+    if (!data.length) return;
+    const text = data.join("\n");
+    if (name === traceEvent) {
+      const payload = JSON.parse(text);
+      ids = { traceId: payload.trace_id, clientRequestId: payload.client_request_id, feedbackToken: payload.feedback_token || ids.feedbackToken };
+    } else if (onEvent) {
+      onEvent(name, text);
+    }
+  };
+  for (;;) {
+    const { done, value } = await reader.read();
+    buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
+    const blocks = buffer.split(/\r\n\r\n|\n\n|\r\r/);
+    buffer = blocks.pop();
+    blocks.forEach(handle);
+    if (done) break;
+  }
+  if (buffer.trim()) handle(buffer);
+  return ids;
+}
+
+function newKey() {
+  return (crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random().toString(16).slice(2));
+}
+
+function readQueue() {
+  try { return JSON.parse(localStorage.getItem(QUEUE_KEY) || "[]"); } catch { return []; }
+}
+
+function writeQueue(items) {
+  localStorage.setItem(QUEUE_KEY, JSON.stringify(items));
+}
+
+/** Send feedback now; throws TypeError on a network failure, Error(message) on a refusal. */
+export async function sendFeedback(endpoint, ids, body, key = newKey()) {
+  const headers = { "Content-Type": "application/json", "Idempotency-Key": key };
+  if (ids.feedbackToken) headers[TOKEN_HEADER] = ids.feedbackToken;
+  const query = ids.traceId ? `trace_id=${encodeURIComponent(ids.traceId)}` : `client_request_id=${encodeURIComponent(ids.clientRequestId)}`;
+  const response = await fetch(`${endpoint}?${query}`, { method: "POST", headers, body: JSON.stringify(body) });
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new Error(answer.message || `HTTP ${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
+  return answer;
+}
+
+/** Send what waited in localStorage; items refused by the server are dropped, the rest wait on. */
+export async function flushQueue() {
+  const waiting = readQueue();
+  const kept = [];
+  for (const item of waiting) {
+    try {
+      await sendFeedback(item.endpoint, item.ids, item.body, item.key);
+      window.dispatchEvent(new CustomEvent("mlflow-feedback-sent", { detail: item }));
+    } catch (error) {
+      if (error instanceof TypeError) kept.push(item);  // still offline
+    }
+  }
+  writeQueue([...kept, ...readQueue().slice(waiting.length)]);
+}
+
+window.addEventListener("online", () => { flushQueue(); });
+if (navigator.onLine && readQueue().length) flushQueue();  // left over from an earlier visit
+
+/** An accessible 👍/👎 control with an optional comment, and rating controls from the schema route. */
+export class FeedbackControl {
+  constructor(container, { endpoint = DEFAULT_ENDPOINT, comment = true, ratings = true } = {}) {
+    this.endpoint = endpoint;
+    this.ids = null;
+    this.sending = false;
+    this.root = document.createElement("div");
+    this.root.className = "mlflow-feedback";
+    this.root.setAttribute("role", "group");
+    this.root.setAttribute("aria-label", "Rate this answer");
+    this.up = this.#button("👍", "Good answer", true);
+    this.down = this.#button("👎", "Bad answer", false);
+    if (comment) {
+      this.comment = document.createElement("input");
+      this.comment.type = "text";
+      this.comment.className = "mlflow-feedback-comment";
+      this.comment.placeholder = "Optional comment";
+      this.comment.setAttribute("aria-label", "Comment");
+      this.root.append(this.comment);
+    }
+    this.ratings = document.createElement("span");
+    this.root.append(this.ratings);
+    this.status = document.createElement("span");
+    this.status.className = "mlflow-feedback-status";
+    this.status.setAttribute("role", "status");
+    this.status.setAttribute("aria-live", "polite");
+    this.status.textContent = "waiting for the answer…";
+    this.root.append(this.status);
+    container.append(this.root);
+    this.#enable(false);
+    if (ratings) this.#loadScales();
+  }
+
+  /** The answer's IDs are known: enable the controls. */
+  setIds(ids) {
+    if (!ids || !(ids.traceId || ids.clientRequestId)) return;
+    this.ids = ids;
+    this.status.textContent = "";
+    this.#enable(true);
+  }
+
+  #button(label, name, value) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.setAttribute("aria-label", name);
+    button.setAttribute("aria-pressed", "false");
+    button.addEventListener("click", () => this.vote({ is_correct: value }, button));
+    this.root.append(button);
+    return button;
+  }
+
+  #enable(on) {
+    for (const control of this.root.querySelectorAll("button, select")) control.disabled = !on;
+  }
+
+  async #loadScales() {
+    try {
+      const response = await fetch(`${this.endpoint}/schema`);
+      const schema = await response.json();
+      if (!schema.declared) return;
+      for (const field of schema.feedback.filter((f) => f.type === "scale")) {
+        const select = document.createElement("select");
+        select.setAttribute("aria-label", `Rate ${field.name}`);
+        select.disabled = !this.ids;
+        select.append(new Option(`${field.name}…`, ""));
+        for (let v = field.min; v <= field.max; v += field.step) select.append(new Option(String(v), String(v)));
+        select.addEventListener("change", () => select.value && this.vote({ ratings: { [field.name]: Number(select.value) } }, select));
+        this.ratings.append(select);
+      }
+    } catch { /* no schema route: thumbs only */ }
+  }
+
+  /** Send one vote (a request body for the feedback route); never twice at once. */
+  async vote(body, control) {
+    if (!this.ids || this.sending) return;
+    this.sending = true;
+    this.#enable(false);
+    const text = this.comment && this.comment.value.trim();
+    if (text && body.is_correct !== undefined) body = { ...body, comment: text };
+    const item = { endpoint: this.endpoint, ids: this.ids, body, key: newKey() };
+    this.status.textContent = "sending…";
+    const sent = () => {
+      for (const b of [this.up, this.down]) b.setAttribute("aria-pressed", String(b === control));
+      this.status.textContent = "Thanks for your feedback!";
+    };
+    try {
+      await sendFeedback(item.endpoint, item.ids, item.body, item.key);
+      sent();
+    } catch (error) {
+      if (error instanceof TypeError) {  // offline or the network failed: keep it for later
+        writeQueue([...readQueue(), item]);
+        this.status.textContent = "Offline: your feedback will be sent when you are back online.";
+        window.addEventListener("mlflow-feedback-sent", (event) => {
+          if (event.detail.key === item.key) sent();
+        });
+      } else {
+        this.status.textContent = `Could not send: ${error.message}`;
+      }
+    } finally {
+      this.sending = false;
+      this.#enable(true);
+    }
+  }
+}

@@ -1,0 +1,161 @@
+"""The example app's page in real headless Chromium (Debian's), driven by Playwright: ask, stream, click 👍 and
+👎 with a comment, go offline and back, double-click; then check the assessments in MLflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .support import ROOT, MlflowServer, free_port, get_trace
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def demo_app(mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path) -> Iterator[str]:
+    """examples/chat_app.py under uvicorn, on the test server, as `make demo` serves it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))} | {
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "MLFLOW_EXPERIMENT_NAME": experiment_name,
+        "MLFLOW_FEEDBACK_OUTBOX": str(tmp_path / "outbox.db"),
+        "MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS": "500",
+    }
+    log = (tmp_path / "demo.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "chat_app:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT / "examples",
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/feedback/health", timeout=2).status_code in (200, 503):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "demo.log").read_text()
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        assert not os.environ.get("REQUIRE_CHROMIUM"), "chromium is required here"
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def ask(page: Any, question: str, stream: bool) -> Any:
+    """Type a question, send it, and wait until its answer's feedback buttons are enabled; the turn."""
+    page.set_checked("#stream", stream)
+    page.fill("#message", question)
+    page.click("#ask button[type=submit]")
+    # Turns are prepended: pin this one by its question, not by position.
+    turn = page.locator(".turn", has=page.locator(".question", has_text=question))
+    turn.wait_for()
+    turn.locator("button[aria-label='Good answer']:not([disabled])").wait_for(timeout=30_000)
+    return turn
+
+
+def trace_id_of(turn: Any) -> str:
+    return str(turn.locator(".ids").inner_text().split()[1])
+
+
+def human_votes(trace_id: str, count: int, timeout: float = 30) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        votes = [a for a in get_trace(trace_id).info.assessments if a.source.source_type == "HUMAN"]
+        if len(votes) >= count or time.monotonic() > deadline:
+            return votes
+        time.sleep(0.3)
+
+
+def test_the_demo_page_collects_feedback_in_chromium(demo_app: str, browser: Any) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(demo_app)
+
+    streamed = ask(page, "tell me about mlflow", stream=True)
+    assert "MLflow records each request" in streamed.locator(".answer").inner_text()
+    streamed.locator("button[aria-label='Good answer']").click()
+    streamed.locator(".mlflow-feedback-status", has_text="Thanks").wait_for()
+    assert streamed.locator("button[aria-label='Good answer']").get_attribute("aria-pressed") == "true"
+
+    answered = ask(page, "how does feedback work", stream=False)
+    answered.locator(".mlflow-feedback-comment").fill("too vague")
+    answered.locator("button[aria-label='Bad answer']").click()
+    answered.locator(".mlflow-feedback-status", has_text="Thanks").wait_for()
+
+    offline = ask(page, "offline question", stream=False)
+    context.set_offline(True)
+    offline.locator("button[aria-label='Good answer']").click()
+    offline.locator(".mlflow-feedback-status", has_text="Offline").wait_for()
+    context.set_offline(False)  # the browser's "online" event sends what waited
+    offline.locator(".mlflow-feedback-status", has_text="Thanks").wait_for(timeout=30_000)
+    assert offline.locator("button[aria-label='Good answer']").get_attribute("aria-pressed") == "true"
+
+    doubled = ask(page, "double click", stream=True)
+    doubled.locator("button[aria-label='Good answer']").dblclick()
+    doubled.locator(".mlflow-feedback-status", has_text="Thanks").wait_for()
+
+    artifacts = ROOT / "tests" / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    page.screenshot(path=str(artifacts / "demo-page.png"), full_page=True)
+    assert errors == []
+
+    streamed_votes = human_votes(trace_id_of(streamed), 1)
+    assert [(v.name, v.value) for v in streamed_votes] == [("user_feedback", True)]
+    answered_votes = human_votes(trace_id_of(answered), 1)
+    assert [(v.value, v.rationale) for v in answered_votes] == [(False, "too vague")]
+    assert [v.value for v in human_votes(trace_id_of(offline), 1)] == [True]
+    time.sleep(1.0)
+    assert len(human_votes(trace_id_of(doubled), 2, timeout=1)) == 1  # two clicks, one vote
+    context.close()
+
+
+def test_the_client_is_served_as_a_module(demo_app: str) -> None:
+    response = httpx.get(demo_app + "/feedback/client.js")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/javascript")
+    for name in (
+        "export function idsFromResponse",
+        "export async function readEventStream",
+        "export class FeedbackControl",
+    ):
+        assert name in response.text
