@@ -107,15 +107,23 @@ def format_csv(report: dict[str, Any]) -> str:
     return out.getvalue()
 
 
-def _report(args: argparse.Namespace) -> int:
+def _window(args: argparse.Namespace) -> tuple[str, int | None, int | None]:
+    """The experiment and time window the command line names (connecting to its tracking server)."""
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
     experiment_id = _experiment_id(args.experiment, args.experiment_id)
-    since = parse_time(args.since) if args.since else None
-    until = parse_time(args.until) if args.until else None
-    requests = list(search_requests(experiment_id, since, until, _progress(sys.stderr)))
+    return experiment_id, parse_time(args.since) if args.since else None, parse_time(args.until) if args.until else None
+
+
+def _done_reading() -> None:
     if sys.stderr.isatty():
-        sys.stderr.write("\r\033[K")
+        sys.stderr.write("\r\033[K")  # clear the progress line
+
+
+def _report(args: argparse.Namespace) -> int:
+    experiment_id, since, until = _window(args)
+    requests = list(search_requests(experiment_id, since, until, _progress(sys.stderr)))
+    _done_reading()
     window = {"since": _iso(since), "until": _iso(until)}
     schema = FeedbackSchema.load(args.schema) if args.schema else None
     report = build_report(requests, args.by, schema, experiment=args.experiment or experiment_id, window=window)
@@ -135,14 +143,9 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .datasets import feedback_records, to_mlflow_dataset, write_jsonl
 
-    if args.tracking_uri:
-        mlflow.set_tracking_uri(args.tracking_uri)
-    experiment_id = _experiment_id(args.experiment, args.experiment_id)
-    since = parse_time(args.since) if args.since else None
-    until = parse_time(args.until) if args.until else None
+    experiment_id, since, until = _window(args)
     records = list(feedback_records(experiment_id, args.only, since, until, _progress(sys.stderr)))
-    if sys.stderr.isatty():
-        sys.stderr.write("\r\033[K")
+    _done_reading()
     if args.output == "-":
         write_jsonl(records, sys.stdout)
     else:

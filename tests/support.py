@@ -44,6 +44,45 @@ def _server_command() -> list[str]:
     pytest.exit("no `mlflow` server executable: run the tests with `make test`", returncode=3)
 
 
+def http_scope(method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """An ASGI HTTP scope, for calling an app with raw messages (what no HTTP client would send)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode("utf-8", "surrogatepass"),
+        "root_path": "",
+        "query_string": query,
+        "headers": headers,
+        "client": ("127.0.0.1", 4321),
+        "server": ("testserver", 80),
+    }
+
+
+# Debian's chromium, headless, with nothing talking to the network on its own.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def chromium_or_skip() -> str:
+    """The chromium executable; skips the test without one, unless CI requires it (REQUIRE_CHROMIUM)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        assert not os.environ.get("REQUIRE_CHROMIUM"), "chromium is required here"
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    return chromium
+
+
 def full_mlflow_python() -> Path:
     """The Python of the environment with the full `mlflow` package (the one serving the tests)."""
     return Path(_server_command()[0]).parent / "python"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,17 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .support import ROOT, MlflowServer, free_port, get_trace
-
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-default-apps",
-    "--disable-sync",
-    "--no-first-run",
-]
+from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, chromium_or_skip, free_port, get_trace
 
 
 @pytest.fixture
@@ -66,10 +55,7 @@ def demo_app(mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path) 
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        assert not os.environ.get("REQUIRE_CHROMIUM"), "chromium is required here"
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from .apps import build_app
-from .support import client_for, get_trace
+from .support import client_for, get_trace, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -262,20 +262,8 @@ async def test_client_gone_before_the_body_arrives(experiment_name: str) -> None
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/feedback",
-        "raw_path": b"/feedback",
-        "root_path": "",
-        "query_string": b"trace_id=tr-0123456789abcdef0123456789abcdef",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-    }
+    query = b"trace_id=tr-0123456789abcdef0123456789abcdef"
+    scope = http_scope("POST", "/feedback", query, [(b"content-type", b"application/json")])
     await app(scope, receive, send)  # type: ignore[arg-type]
     assert sent == []
 

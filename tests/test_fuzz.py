@@ -25,7 +25,7 @@ from mlflow_feedback_middleware import FeedbackRequest
 from mlflow_feedback_middleware.feedback_writer import FEEDBACK_ID_KEY
 
 from .apps import build_app
-from .support import get_trace
+from .support import get_trace, http_scope
 
 # The strategies' reprs are large (the corpus holds 50 kB strings); hypothesis warns when it prints them.
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
@@ -179,20 +179,7 @@ async def asgi_call(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode("utf-8", "surrogatepass"),
-        "root_path": "",
-        "query_string": query,
-        "headers": headers,
-        "client": ("127.0.0.1", 4321),
-        "server": ("testserver", 80),
-    }
+    scope = http_scope(method, path, query, headers)
     await app(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     return start["status"], start.get("headers", []), b"".join(m.get("body", b"") for m in sent[1:])

@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +26,7 @@ from mlflow_feedback_middleware.report import PAGE_SIZE, build_report, search_re
 from mlflow_feedback_middleware.tracing import find_experiment
 
 from .apps import build_app
-from .support import ROOT, MlflowServer, client_for, full_mlflow_python, get_trace
+from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, chromium_or_skip, client_for, full_mlflow_python, get_trace
 
 N_TRACES = 560  # more than one page of search results
 DAY = 86400.0
@@ -274,23 +272,10 @@ def test_installed_command_writes_html_that_renders_in_chromium(seeded: Seeded, 
     assert result.returncode == 0, result.stderr
     text = page.read_text()
     assert "http://" not in text.replace(mlflow.get_tracking_uri(), "") and "<script src" not in text
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        assert not os.environ.get("REQUIRE_CHROMIUM"), "chromium is required here"
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    chromium = chromium_or_skip()
     artifacts = ROOT / "tests" / "artifacts"
     artifacts.mkdir(exist_ok=True)
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-default-apps",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=820,1400",
-    ]
+    flags = ["--headless", *CHROMIUM_FLAGS, "--window-size=820,1400"]
     dom = subprocess.run(
         [chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
     ).stdout

@@ -20,7 +20,7 @@ from mlflow_feedback_middleware import FeedbackLimits, FeedbackTokens, MlflowFee
 from mlflow_feedback_middleware.tokens import as_secret_list
 
 from .apps import build_app
-from .support import client_for, get_trace
+from .support import client_for, get_trace, http_scope
 from .test_feedback import feedback_on
 
 pytestmark = pytest.mark.anyio
@@ -313,20 +313,8 @@ async def test_an_oversized_body_is_refused_before_it_is_read(experiment_name: s
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "path": "/feedback",
-        "raw_path": b"/feedback",
-        "root_path": "",
-        "query_string": b"trace_id=tr-0123",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"10000000")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("testserver", 80),
-        "scheme": "http",
-    }
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"10000000")]
+    scope = http_scope("POST", "/feedback", b"trace_id=tr-0123", headers)
     await app(scope, receive, send)
     assert sent[0]["status"] == 413 and received == []
     # Without a declared length (chunked), reading stops at the cap.
