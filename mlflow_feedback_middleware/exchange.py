@@ -15,6 +15,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .capture import BodyCapture, capture_for, media_type
 from .context import RequestIds, current_ids
+from .distributed import valid_traceparent
 from .ids import clean_principal_id, is_valid_client_request_id, new_client_request_id
 from .sse import SseTrailer
 from .tracing import annotate_trace, hoist_trace_tags, logger, rename_root, set_trace_tags
@@ -68,11 +69,13 @@ class TracedExchange:
     async def run(self) -> None:
         mw, scope = self._mw, self.scope
         settings = mw.settings
-        request_id = session_id = None
+        request_id = session_id = traceparent = None
         content_type = ""
         for name, value in scope["headers"]:
             if name == mw.request_id_header_key:
                 request_id = _header_value(value)
+            elif name == b"traceparent":
+                traceparent = valid_traceparent(_header_value(value))
             elif name == mw.session_id_header_key:
                 session_id = clean_principal_id(_header_value(value))
             elif name == b"content-type":
@@ -85,7 +88,7 @@ class TracedExchange:
             self._request_body = capture_for(content_type, settings.max_capture_bytes)
 
         error: BaseException | None = None
-        with mw.backend.start_root(f"{scope['method']} {scope['path']}") as span:
+        with mw.backend.start_root(f"{scope['method']} {scope['path']}", traceparent) as span:
             if not mw.backend.is_real(span):
                 await mw.app(scope, self._app_receive, self._app_send)
                 return

@@ -21,6 +21,7 @@ import mlflow
 from mlflow.entities import LiveSpan, MlflowExperimentLocation, SpanType
 from mlflow.exceptions import MlflowException
 
+from .distributed import continued_root
 from .export import export_losses, flush_exports, skip_absent_module_probes, use_otlp_export
 
 logger = logging.getLogger("mlflow_feedback_middleware")
@@ -159,8 +160,11 @@ class MlflowBackend:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(attempt)), remaining)
         return self.experiment_id
 
-    def start_root(self, name: str) -> AbstractContextManager[LiveSpan]:
-        """A context manager for a request's root span, active in the current context."""
+    def start_root(self, name: str, traceparent: str | None = None) -> AbstractContextManager[LiveSpan]:
+        """A context manager for a request's root span, active in the current context; with a valid
+        `traceparent`, a child of the caller's span in the caller's trace."""
+        if traceparent is not None and self.experiment_id is not None:
+            return continued_root(name, traceparent, self.experiment_id)
         return mlflow.start_span(name, span_type=SpanType.CHAIN, trace_destination=self._location)
 
     def is_real(self, span: Any) -> bool:

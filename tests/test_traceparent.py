@@ -1,0 +1,81 @@
+"""W3C traceparent: a request from another MLflow-traced service continues the caller's trace.
+
+Two processes, as in production: the caller (this test) opens its own MLflow trace and sends its
+``traceparent``; the service (a uvicorn subprocess with the middleware) adds its spans to that trace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow
+from mlflow.entities import MlflowExperimentLocation
+from mlflow.tracing import get_tracing_context_headers_for_http_request
+
+from mlflow_feedback_middleware.distributed import valid_traceparent
+from mlflow_feedback_middleware.tracing import find_experiment
+
+from .support import AppProcess, MlflowServer, get_trace, wait_until
+
+TRACE_HEADER = "x-mlflow-trace-id"
+
+
+def test_traceparent_values_are_validated() -> None:
+    good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert valid_traceparent(good) == good
+    assert valid_traceparent(" " + good.upper() + " ") == good
+    for bad in (
+        None,
+        "",
+        "garbage",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # all-zero trace ID
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # all-zero span ID
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # unknown version
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nX: y",
+    ):
+        assert valid_traceparent(bad) is None, bad
+
+
+def test_a_request_with_traceparent_continues_the_callers_trace(
+    mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path
+) -> None:
+    experiment_id = find_experiment(mlflow_server.url, experiment_name, None, create=True)
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS": "500"}
+    kwargs = {"experiment_name": experiment_name, "outbox_path": str(tmp_path / "outbox.db")}
+    with AppProcess(tmp_path, env, kwargs) as app:
+        location = MlflowExperimentLocation(experiment_id=experiment_id)
+        with mlflow.start_span("caller: plan the answer", trace_destination=location) as caller:
+            headers = get_tracing_context_headers_for_http_request()
+            continued = httpx.post(f"{app.url}/chat", json={"message": "from upstream"}, headers=headers, timeout=30)
+        unrelated = httpx.post(
+            f"{app.url}/chat",
+            json={"message": "bad header"},
+            headers={"traceparent": "00-00000000000000000000000000000000-00f067aa0ba902b7-01"},
+            timeout=30,
+        )
+        assert continued.status_code == 200 and unrelated.status_code == 200
+        assert continued.headers[TRACE_HEADER] == caller.trace_id  # the same distributed trace
+        assert unrelated.headers[TRACE_HEADER] != caller.trace_id  # an invalid header is ignored
+        assert continued.json()["span_trace_id"] == caller.trace_id  # handler spans join it too
+
+        def spans() -> list[Any] | None:
+            found = get_trace(caller.trace_id).data.spans
+            return found if len(found) >= 3 else None
+
+        stored = wait_until(spans, 60, "the service's spans did not join the caller's trace")
+        by_name = {s.name: s for s in stored}
+        service_root = by_name["POST /chat"]
+        assert service_root.parent_id == caller.span_id
+        assert by_name["fake_llm_async"].parent_id == service_root.span_id
+        assert service_root.inputs["body"] == {"message": "from upstream"}
+
+        feedback = httpx.post(f"{app.url}/feedback?trace_id={caller.trace_id}", json={"is_correct": True}, timeout=60)
+        assert feedback.status_code in (200, 202), feedback.text
+        wait_until(
+            lambda: any(a.name == "user_feedback" for a in get_trace(caller.trace_id).info.assessments),
+            60,
+            "feedback on the continued trace did not land",
+        )
+        get_trace(unrelated.headers[TRACE_HEADER])  # the other request got a trace of its own
