@@ -14,6 +14,7 @@ request, not at its end.
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import threading
 import time
@@ -22,13 +23,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import mlflow
-from mlflow.entities import LiveSpan, SpanType, TraceInfo, TraceState
+from mlflow.entities import LiveSpan, MlflowExperimentLocation, SpanType, TraceInfo, TraceState
 from mlflow.entities.trace_location import TraceLocation
 
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 _KEEP_SECONDS = 60.0  # longer than MLflow's export batches take to collect a trace's spans
 
+logger = logging.getLogger("mlflow_feedback_middleware")
 _expiring: collections.deque[tuple[float, int]] = collections.deque()
 _lock = threading.Lock()
 
@@ -59,22 +61,24 @@ def continued_root(name: str, traceparent: str, experiment_id: str) -> Iterator[
     from mlflow.tracing.utils import generate_mlflow_trace_id_from_otel_trace_id
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    manager = InMemoryTraceManager.get_instance()
-    _drop_expired(manager, time.monotonic())
-    otel_trace_id = int(traceparent[3:35], 16)
-    registered = False
-    with manager.get_trace(generate_mlflow_trace_id_from_otel_trace_id(otel_trace_id)) as local:
-        known_here = local is not None  # the caller runs in this very process: its trace is already here
-    if not known_here:
-        info = TraceInfo(
-            trace_id=generate_mlflow_trace_id_from_otel_trace_id(otel_trace_id),
-            trace_location=TraceLocation.from_experiment_id(experiment_id),
-            request_time=int(time.time() * 1000),
-            state=TraceState.IN_PROGRESS,
-        )
-        manager.register_trace(otel_trace_id, info, is_remote_trace=True)
-        registered = True
-    token = get_context_api().attach(TraceContextTextMapPropagator().extract({"traceparent": traceparent}))
+    try:
+        manager = InMemoryTraceManager.get_instance()
+        _drop_expired(manager, time.monotonic())
+        otel_trace_id = int(traceparent[3:35], 16)
+        trace_id = generate_mlflow_trace_id_from_otel_trace_id(otel_trace_id)
+        with manager.get_trace(trace_id) as local:
+            registered = local is None  # else the caller runs in this very process: its trace is already here
+        if registered:
+            location = TraceLocation.from_experiment_id(experiment_id)
+            info = TraceInfo(trace_id, location, int(time.time() * 1000), TraceState.IN_PROGRESS)
+            manager.register_trace(otel_trace_id, info, is_remote_trace=True)
+        token = get_context_api().attach(TraceContextTextMapPropagator().extract({"traceparent": traceparent}))
+    except Exception:  # MLflow internals moved: a trace of its own beats a failed request
+        logger.warning("could not continue the caller's trace; starting a new one", exc_info=True)
+        destination = MlflowExperimentLocation(experiment_id=experiment_id)
+        with mlflow.start_span(name, span_type=SpanType.CHAIN, trace_destination=destination) as span:
+            yield span
+        return
     try:
         with mlflow.start_span(name, span_type=SpanType.CHAIN) as span:
             yield span

@@ -11,13 +11,15 @@ from typing import Any
 
 import httpx
 import mlflow
+import pytest
 from mlflow.entities import MlflowExperimentLocation
 from mlflow.tracing import get_tracing_context_headers_for_http_request
 
 from mlflow_feedback_middleware.distributed import valid_traceparent
 from mlflow_feedback_middleware.tracing import find_experiment
 
-from .support import AppProcess, MlflowServer, get_trace, wait_until
+from .apps import build_app
+from .support import AppProcess, MlflowServer, client_for, get_trace, root_span, wait_until
 
 TRACE_HEADER = "x-mlflow-trace-id"
 
@@ -79,3 +81,23 @@ def test_a_request_with_traceparent_continues_the_callers_trace(
             "feedback on the continued trace did not land",
         )
         get_trace(unrelated.headers[TRACE_HEADER])  # the other request got a trace of its own
+
+
+@pytest.mark.anyio
+async def test_a_continuation_mlflow_refuses_still_answers_with_a_trace_of_its_own(
+    experiment_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow_feedback_middleware.distributed as distributed
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise TypeError("MLflow's TraceInfo changed")
+
+    monkeypatch.setattr(distributed, "TraceInfo", broken)
+    caller = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with client_for(build_app(experiment_name=experiment_name)) as client:
+        response = await client.post(
+            "/chat", json={"message": "hi"}, headers={"traceparent": f"00-{caller}-00f067aa0ba902b7-01"}
+        )
+    assert response.status_code == 200
+    assert response.headers[TRACE_HEADER] != f"tr-{caller}"
+    assert root_span(get_trace(response.headers[TRACE_HEADER])).name == "POST /chat"
