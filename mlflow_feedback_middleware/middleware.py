@@ -40,7 +40,7 @@ from .tokens import FeedbackTokens, as_secret_list
 from .tracing import MlflowBackend
 from .websocket import STATE_KEY as WEBSOCKET_STATE_KEY
 
-_DEFAULT = RateLimit()
+_DEFAULT_RATE_LIMIT = RateLimit()
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
@@ -83,7 +83,7 @@ class MlflowFeedbackMiddleware:
         feedback_token_header: str = "X-MLflow-Feedback-Token",
         identity: IdentityResolver | None = None,
         feedback_limits: FeedbackLimits | None = None,
-        rate_limit: RateLimit | None = _DEFAULT,
+        rate_limit: RateLimit | None = _DEFAULT_RATE_LIMIT,
         redact_fields: Iterable[str] = DEFAULT_REDACT_FIELDS,
         feedback_schema: FeedbackSchema | str | os.PathLike[str] | None = None,
         summary_token: str | None = None,
@@ -106,7 +106,6 @@ class MlflowFeedbackMiddleware:
         # ASGI header names arrive lower-cased as bytes; compare against these without re-encoding.
         self.trace_id_header_key = settings.trace_id_header.lower().encode()
         self.request_id_header_key = settings.request_id_header.lower().encode()
-        self.user_id_header_key = settings.user_id_header.lower().encode()
         self.session_id_header_key = settings.session_id_header.lower().encode()
         self.token_header_key = settings.feedback_token_header.lower().encode()
         self.tokens = (
