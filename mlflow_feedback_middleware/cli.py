@@ -16,12 +16,11 @@ import io
 import json
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import mlflow
 
-from .report import GROUPINGS, build_report, parse_time, search_requests
+from .report import GROUPINGS, build_report, iso_time, parse_time, search_requests
 from .schema import FeedbackSchema
 from .tracing import find_experiment
 
@@ -124,7 +123,7 @@ def _report(args: argparse.Namespace) -> int:
     experiment_id, since, until = _window(args)
     requests = list(search_requests(experiment_id, since, until, _progress(sys.stderr)))
     _done_reading()
-    window = {"since": _iso(since), "until": _iso(until)}
+    window = {k: None if ms is None else iso_time(ms) for k, ms in (("since", since), ("until", until))}
     schema = FeedbackSchema.load(args.schema) if args.schema else None
     report = build_report(requests, args.by, schema, experiment=args.experiment or experiment_id, window=window)
     if args.html:
@@ -159,12 +158,6 @@ def _export(args: argparse.Namespace) -> int:
             raise SystemExit(f"mlflow-feedback: {exc}") from None
     print(f"mlflow-feedback: {message}", file=sys.stderr)
     return 0
-
-
-def _iso(time_ms: int | None) -> str | None:
-    if time_ms is None:
-        return None
-    return datetime.fromtimestamp(time_ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def parser() -> argparse.ArgumentParser:

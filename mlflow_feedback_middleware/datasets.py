@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any, TextIO
 
 from .report import TracedRequest, Vote, is_positive, search_requests
@@ -129,9 +128,3 @@ def to_mlflow_dataset(records: list[dict[str, Any]], name: str, experiment_id: s
         [{k: r[k] for k in ("inputs", "outputs", "expectations") if r.get(k) is not None} for r in records]
     )
     return str(dataset.dataset_id)
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records written by `write_jsonl`."""
-    with open(path, encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]

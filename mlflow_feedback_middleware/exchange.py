@@ -18,7 +18,7 @@ from .context import RequestIds, current_ids
 from .distributed import valid_traceparent
 from .ids import clean_principal_id, is_valid_client_request_id, new_client_request_id
 from .sse import SseTrailer
-from .tracing import annotate_trace, hoist_trace_tags, logger, rename_root, set_trace_tags
+from .tracing import hoist_trace_tags, logger, rename_root, set_trace_tags
 
 if TYPE_CHECKING:
     from .middleware import MlflowFeedbackMiddleware
@@ -93,15 +93,11 @@ class TracedExchange:
                 await mw.app(scope, self._app_receive, self._app_send)
                 return
             assert isinstance(span, LiveSpan)
-            user_id = settings.user_of(HTTPConnection(scope))
-            feedback_token = mw.tokens.issue(span.trace_id, request_id, user_id) if mw.tokens else None
-            self.ids = RequestIds(span.trace_id, request_id, feedback_token)
-            annotate_trace(span, request_id, user_id, session_id, mw.backend.otlp)
-            mw.recent.add(span.trace_id, request_id)
+            self.ids = mw.adopt(span, HTTPConnection(scope), request_id, session_id)
             state = scope.setdefault("state", {})
             state["mlflow_trace_id"] = span.trace_id
             state["client_request_id"] = request_id
-            state["mlflow_feedback_token"] = feedback_token
+            state["mlflow_feedback_token"] = self.ids.feedback_token
             token = current_ids.set(self.ids)
             try:
                 await mw.app(scope, self.receive, self.send)

@@ -24,9 +24,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import mlflow
+from mlflow.entities import LiveSpan
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import DEFAULT_EXCLUDE_PATHS, DEFAULT_OUTBOX_PATH, DEFAULT_REDACT_FIELDS, Settings
+from .context import RequestIds
 from .delivery import FeedbackDelivery
 from .env_config import apply_environment
 from .exchange import TracedExchange
@@ -37,7 +40,7 @@ from .outbox import Outbox
 from .registry import RecentTraces
 from .schema import FeedbackSchema
 from .tokens import FeedbackTokens, as_secret_list
-from .tracing import MlflowBackend
+from .tracing import MlflowBackend, annotate_trace
 from .websocket import STATE_KEY as WEBSOCKET_STATE_KEY
 
 _DEFAULT_RATE_LIMIT = RateLimit()
@@ -138,6 +141,15 @@ class MlflowFeedbackMiddleware:
             if settings.feedback_path is not None
             else None
         )
+
+    def adopt(self, span: LiveSpan, conn: HTTPConnection, request_id: str, session_id: str | None) -> RequestIds:
+        """Make a fresh root span a traced exchange (an HTTP request or a WebSocket turn): its end user,
+        feedback token and IDs recorded on the trace, and the trace remembered as issued here."""
+        user_id = self.settings.user_of(conn)
+        token = self.tokens.issue(span.trace_id, request_id, user_id) if self.tokens else None
+        annotate_trace(span, request_id, user_id, session_id, self.backend.otlp)
+        self.recent.add(span.trace_id, request_id)
+        return RequestIds(span.trace_id, request_id, token)
 
     def status(self) -> dict[str, Any]:
         """Backend reachability and outbox figures (what ``GET {feedback_path}/health`` shows). Blocking."""

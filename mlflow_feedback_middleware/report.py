@@ -190,7 +190,7 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
         "ratings": {dimension: _rating_stats(values) for dimension, values in sorted(ratings.items())},
         "categories": {name: dict(counts.most_common()) for name, counts in sorted(categories.items())},
         "latest_negative_comments": [
-            {"trace_id": v.trace_id, "time": _iso(v.time_ms), "user": v.user, "comment": v.rationale}
+            {"trace_id": v.trace_id, "time": iso_time(v.time_ms), "user": v.user, "comment": v.rationale}
             for v in negative_comments[:LATEST_COMMENTS]
         ],
     }
@@ -236,5 +236,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _iso(time_ms: int) -> str:
+def iso_time(time_ms: int) -> str:
+    """A millisecond timestamp as ISO 8601 UTC, to the second (``2026-11-30T12:00:00Z``)."""
     return datetime.fromtimestamp(time_ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from .context import RequestIds, current_ids
 from .ids import clean_principal_id, new_client_request_id
-from .tracing import annotate_trace, hoist_trace_tags, logger
+from .tracing import hoist_trace_tags, logger
 
 if TYPE_CHECKING:
     from .middleware import MlflowFeedbackMiddleware
@@ -71,16 +71,11 @@ async def traced_turn(
                 yield Turn(None, None)
                 return
             assert isinstance(span, LiveSpan)
-            request_id = new_client_request_id()
-            user = mw.settings.user_of(websocket)
             session = clean_principal_id(websocket.headers.get(mw.settings.session_id_header))
-            token = mw.tokens.issue(span.trace_id, request_id, user) if mw.tokens else None
-            ids = RequestIds(span.trace_id, request_id, token)
-            annotate_trace(span, request_id, user, session, mw.backend.otlp)
+            ids = mw.adopt(span, websocket, new_client_request_id(), session)
             if inputs is not None:
                 span.set_inputs(mw.settings.redact(inputs))
             span.set_attribute("websocket.path", path)
-            mw.recent.add(span.trace_id, request_id)
             reset = current_ids.set(ids)
             try:
                 yield Turn(ids, span)
@@ -93,8 +88,8 @@ async def traced_turn(
             mw.recent.ended(ids.trace_id)
     if send_ids and websocket.application_state == WebSocketState.CONNECTED:
         message = {"type": "mlflow_trace", "trace_id": ids.trace_id, "client_request_id": ids.client_request_id}
-        if token is not None:
-            message["feedback_token"] = token
+        if ids.feedback_token is not None:
+            message["feedback_token"] = ids.feedback_token
         try:
             await websocket.send_json(message)
         except Exception:  # the client left; the trace is complete anyway
