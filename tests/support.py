@@ -147,8 +147,16 @@ def client_for(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
 
 
-def get_trace(trace_id: str, timeout: float = 30.0) -> Trace:
-    """The stored trace, once it has fully landed; flushes MLflow's export queue (about 1 s) if needed."""
+_INFO_FINALIZED = "mlflow.trace.infoFinalized"  # set by the tracking store once a trace's info is stored
+
+
+def get_trace(trace_id: str, timeout: float = 30.0, finalized: bool = True) -> Trace:
+    """The stored trace, once it has fully landed; flushes MLflow's export queue (about 1 s) if needed.
+
+    MLflow's exporter sends a trace's spans and its info separately, and the spans may create the trace
+    first: until the info is stored (`mlflow.trace.infoFinalized`), its metadata (user, session, client
+    request ID) is missing. OTLP ingestion never sets that marker: pass ``finalized=False`` there.
+    """
     deadline = time.monotonic() + timeout
     flushed = False
     while True:
@@ -156,7 +164,12 @@ def get_trace(trace_id: str, timeout: float = 30.0) -> Trace:
             trace = mlflow.get_trace(trace_id)
         except Exception:
             trace = None
-        if trace is not None and trace.data.spans and trace.info.state.value != "IN_PROGRESS":
+        if (
+            trace is not None
+            and trace.data.spans
+            and trace.info.state.value != "IN_PROGRESS"
+            and (not finalized or trace.info.trace_metadata.get(_INFO_FINALIZED) == "true")
+        ):
             return trace
         if time.monotonic() > deadline:
             raise AssertionError(f"trace {trace_id} did not land in {timeout}s")

@@ -24,13 +24,13 @@ async def main():
         out["feedback"] = [fb.status_code, fb.json()]
         out["stream_tail"] = s.text.strip().splitlines()[-1]
         tagged = await client.post("/chat-tagged", json={"message": "hi"})
-    trace = get_trace(r.headers["x-mlflow-trace-id"])
+    trace = get_trace(r.headers["x-mlflow-trace-id"], finalized=False)
     # A fresh middleware (another worker) finds the client request ID by its tag.
     other = build_app(tracking_uri=sys.argv[1], experiment_name="otlp-export", export="otlp", feedback_sync_seconds=30)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://t") as client:
         fb = await client.post("/feedback?client_request_id=otlp-req-1", json={"ratings": {"accuracy": 5}})
         out["other_feedback"] = [fb.status_code, fb.json()]
-    trace = get_trace(r.headers["x-mlflow-trace-id"])
+    trace = get_trace(r.headers["x-mlflow-trace-id"], finalized=False)
     root = root_span(trace)
     out["trace"] = {
         "name": trace.info.tags.get("mlflow.traceName"),
@@ -43,7 +43,7 @@ async def main():
         "assessments": [(a.name, a.value, a.source.source_id, a.rationale) for a in trace.info.assessments],
     }
     out["trace_id"] = r.headers["x-mlflow-trace-id"]
-    out["tagged"] = get_trace(tagged.headers["x-mlflow-trace-id"]).info.tags.get("app.topic")
+    out["tagged"] = get_trace(tagged.headers["x-mlflow-trace-id"], finalized=False).info.tags.get("app.topic")
     out["otlp_env"] = {k: v for k, v in __import__("os").environ.items() if k.startswith("OTEL_EXPORTER")}
     print(json.dumps(out))
 
