@@ -173,3 +173,35 @@ class ExportLosses:
 
 # MLflow's exporter is one per process, so are its losses: every middleware instance reports these.
 export_losses = ExportLosses()
+
+
+# Spans per log_spans call under load; MLflow's default of 5 made one export request per two or three
+# traces. At low load nothing changes: the batch still leaves after MLflow's schedule delay.
+_SPAN_BATCH_SIZE = 256
+
+
+def speed_up_mlflow_exporter() -> bool:
+    """Make MLflow's own exporter cheaper per trace without changing what it stores. Never raises.
+
+    Larger span batches (unless MLFLOW_ASYNC_TRACE_LOGGING_MAX_SPAN_BATCH_SIZE is set) and the fast
+    trace-info client (`trace_info_client`). Returns whether the fast client is in place.
+    """
+    try:
+        from mlflow.tracing.export.mlflow_v3 import MlflowV3SpanExporter
+        from mlflow.tracing.provider import _get_span_processor, _get_trace_exporter
+
+        from .trace_info_client import install_fast_trace_info_client
+
+        exporter = _get_trace_exporter()
+        if type(exporter) is not MlflowV3SpanExporter:
+            return False
+        delegate = getattr(_get_span_processor(), "_batch_delegate", None)
+        batch: Any = getattr(delegate, "_batch_processor", None)
+        if "MLFLOW_ASYNC_TRACE_LOGGING_MAX_SPAN_BATCH_SIZE" not in os.environ and hasattr(
+            batch, "_max_export_batch_size"
+        ):
+            batch._max_export_batch_size = max(batch._max_export_batch_size, _SPAN_BATCH_SIZE)
+        return install_fast_trace_info_client(exporter) is not None
+    except Exception:
+        logger.debug("cannot tune MLflow's exporter", exc_info=True)
+        return False

@@ -22,7 +22,7 @@ from mlflow.entities import LiveSpan, MlflowExperimentLocation, SpanType
 from mlflow.exceptions import MlflowException
 
 from .distributed import continued_root
-from .export import export_losses, flush_exports, skip_absent_module_probes, use_otlp_export
+from .export import export_losses, flush_exports, skip_absent_module_probes, speed_up_mlflow_exporter, use_otlp_export
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
@@ -173,6 +173,8 @@ class MlflowBackend:
             if not self._losses_hooked:
                 self._losses_hooked = True
                 self.losses.watch()
+                if not self.otlp:
+                    speed_up_mlflow_exporter()
             return True
         if not self._noop_warned and not _sampling_configured():
             self._noop_warned = True

@@ -1,0 +1,127 @@
+"""The default export path: MLflow's own exporter with the fast trace-info client, checked for stored facts."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+from google.protobuf import json_format
+from mlflow.entities import TraceInfo, TraceState
+from mlflow.entities.assessment import AssessmentSource, Feedback
+from mlflow.entities.trace_location import TraceLocation
+from mlflow.protos.service_pb2 import StartTraceV3
+
+from mlflow_feedback_middleware.export import flush_exports
+from mlflow_feedback_middleware.trace_info_client import FastTraceInfoClient, _proto_body, start_trace_body
+
+from .apps import build_app
+from .support import MlflowServer, client_for, get_trace, root_span
+
+TRACE_HEADER = "x-mlflow-trace-id"
+
+
+def trace_info(**fields: object) -> TraceInfo:
+    values: dict[str, object] = {
+        "trace_id": f"tr-{uuid.uuid4().hex}",
+        "trace_location": TraceLocation.from_experiment_id("7"),
+        "request_time": 1_764_500_000_123,
+        "state": TraceState.OK,
+        "execution_duration": 5,
+        "client_request_id": "req-1",
+        "request_preview": '{"message": "grüß dich \\u2603"}',
+        "response_preview": '{"response": "ok"}',
+        "trace_metadata": {"mlflow.trace.user": "alice", "long": "x" * 300_000, "number": 5},
+        "tags": {"mlflow.traceName": "POST /chat", "app.topic": "billing", "k" * 300: "v" * 10_000},
+    }
+    values.update(fields)
+    return TraceInfo(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        trace_info(),
+        trace_info(client_request_id=None, execution_duration=None, request_preview=None, response_preview=None),
+        trace_info(request_time=1_000_000_000_000, execution_duration=123_456, state=TraceState.ERROR),
+        trace_info(execution_duration=0, trace_metadata={}, tags={}),
+        trace_info(
+            assessments=[Feedback(name="x", value=True, source=AssessmentSource("HUMAN", "u"), trace_id="tr-1")]
+        ),
+    ],
+)
+def test_the_fast_body_is_what_mlflows_client_sends(info: TraceInfo) -> None:
+    """Same protobuf message as MLflow's own conversion, truncation of long metadata and tags included."""
+    ours = json_format.Parse(start_trace_body(info), StartTraceV3())
+    mlflows = json_format.Parse(_proto_body(info), StartTraceV3())
+    assert ours == mlflows
+
+
+def fast_client() -> FastTraceInfoClient:
+    from mlflow.tracing.provider import _get_trace_exporter
+
+    client = _get_trace_exporter()._client
+    assert isinstance(client, FastTraceInfoClient), type(client)
+    return client
+
+
+@pytest.mark.anyio
+async def test_default_export_stores_complete_traces_on_the_fast_path(
+    mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        first = await client.post(
+            "/chat-tagged",
+            json={"message": "hello"},
+            headers={"X-Request-ID": "fast-req-1", "X-User-ID": "alice", "X-Session-ID": "s-1"},
+        )
+        before = (fast_client().fast_calls, fast_client().delegated_calls)
+        responses = [await client.post("/chat", json={"message": f"m{i}"}) for i in range(5)]
+    flush_exports(30)
+    after = (fast_client().fast_calls, fast_client().delegated_calls)
+    assert after[0] - before[0] >= 5 and after[1] == before[1], (before, after)
+
+    trace = get_trace(first.headers[TRACE_HEADER])
+    info = trace.info
+    assert info.client_request_id == "fast-req-1"  # the column, searchable as trace.client_request_id
+    assert info.trace_metadata["mlflow.trace.user"] == "alice"
+    assert info.trace_metadata["mlflow.trace.session"] == "s-1"
+    assert int(info.trace_metadata["mlflow.trace.sizeBytes"]) > 0
+    assert info.tags["app.topic"] == "billing"
+    assert info.tags["mlflow.traceName"] == "POST /chat-tagged"
+    assert info.tags["mlflow.trace.spansLocation"] == "TRACKING_STORE"
+    assert info.state.value == "OK" and info.execution_duration is not None
+    assert info.request_preview and "hello" in info.request_preview
+    assert info.response_preview and "echo: hello" in info.response_preview
+    assert root_span(trace).outputs["body"]["response"] == "echo: hello"
+    assert [span.name for span in trace.data.spans if span.parent_id] == ["fake_llm_async"]
+    found = mlflow.search_traces(
+        locations=[info.experiment_id], filter_string="trace.client_request_id = 'fast-req-1'", return_type="list"
+    )
+    assert [t.info.trace_id for t in found] == [info.trace_id]
+    for response in responses:
+        assert get_trace(response.headers[TRACE_HEADER]).info.client_request_id == response.headers["x-request-id"]
+    # The spans went to the tracking store only: no second copy uploaded as an artifact.
+    uploaded = list(Path(mlflow_server.workdir, "artifacts", info.experiment_id).rglob("traces.json"))
+    assert uploaded == []
+
+
+@pytest.mark.anyio
+async def test_the_fast_path_survives_the_server_closing_idle_connections(experiment_name: str) -> None:
+    """The tracking server drops kept-alive connections after a few idle seconds; the next trace still
+    goes on the fast path (one resend on a fresh connection), not through MLflow's client."""
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        first = await client.post("/chat", json={"message": "before"})
+        flush_exports(30)
+        before = (fast_client().fast_calls, fast_client().delegated_calls)
+        time.sleep(7)  # uvicorn's keep-alive timeout is 5 s
+        second = await client.post("/chat", json={"message": "after"})
+    flush_exports(30)
+    assert fast_client().fast_calls > before[0]
+    assert fast_client().delegated_calls == before[1]
+    for response in (first, second):
+        assert get_trace(response.headers[TRACE_HEADER]).info.client_request_id == response.headers["x-request-id"]
