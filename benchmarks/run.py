@@ -61,6 +61,8 @@ def run_worker(mode: str, variant: str, kind: str, args: argparse.Namespace, ser
         f"--experiment-id={experiment_id}",
     ]
     env = os.environ | {"MLFLOW_FEEDBACK_OUTBOX": str(server.workdir / "outbox.db")}  # not the working tree
+    if args.gc_freeze:
+        env["BENCH_GC_FREEZE"] = "1"
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{mode}/{variant}/{kind} failed:\n{result.stderr[-4000:]}")
@@ -199,6 +201,9 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=50_000)
     parser.add_argument("--ttfb-requests", type=int, default=200)
     parser.add_argument("--kinds", default="json,sse")
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="feedback mode: gc.freeze() after warm-up, as a service could"
+    )
     parser.add_argument("--variants", default=",".join(VARIANT_ORDER))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     args = parser.parse_args()

@@ -18,7 +18,7 @@ from mlflow_feedback_middleware.export import flush_exports
 from mlflow_feedback_middleware.trace_info_client import FastTraceInfoClient, _proto_body, start_trace_body
 
 from .apps import build_app
-from .support import MlflowServer, client_for, get_trace, root_span
+from .support import MlflowServer, client_for, get_trace, root_span, wait_until
 
 TRACE_HEADER = "x-mlflow-trace-id"
 
@@ -84,7 +84,12 @@ async def test_default_export_stores_complete_traces_on_the_fast_path(
     after = (fast_client().fast_calls, fast_client().delegated_calls)
     assert after[0] - before[0] >= 5 and after[1] == before[1], (before, after)
 
-    trace = get_trace(first.headers[TRACE_HEADER])
+    # The info and the spans land in separate calls, in either order; the spans' call tags their location.
+    trace = wait_until(
+        lambda: (t := get_trace(first.headers[TRACE_HEADER])).info.tags.get("mlflow.trace.spansLocation") and t,
+        30,
+        "the trace's spans location tagged",
+    )
     info = trace.info
     assert info.client_request_id == "fast-req-1"  # the column, searchable as trace.client_request_id
     assert info.trace_metadata["mlflow.trace.user"] == "alice"
