@@ -9,6 +9,7 @@ import os
 import queue
 import sys
 import threading
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlparse
 
@@ -81,6 +82,9 @@ def use_otlp_export(uri: str, experiment_id: str) -> bool:
     return True
 
 
+_REMEMBERED_DROPS = 10_000
+
+
 class ExportLosses:
     """Counts what MLflow's export path loses, which MLflow itself only logs (and at most every 30 s).
 
@@ -98,6 +102,23 @@ class ExportLosses:
         self.exports_failed = 0
         self.otlp_spans_dropped = 0
         self.watching = False
+        # Traces whose spans were in a dropped batch (most recent first out): their trace info must not
+        # claim the spans are in the tracking store, so MLflow's exporter uploads them as an artifact.
+        self._spans_dropped_for: OrderedDict[str, None] = OrderedDict()
+
+    def spans_dropped(self, trace_id: str) -> bool:
+        """Whether a batch holding spans of `trace_id` was dropped from MLflow's full export queue."""
+        with self._lock:
+            return trace_id in self._spans_dropped_for
+
+    def _remember_dropped_spans(self, spans: Any) -> None:
+        with self._lock:
+            for span in spans if isinstance(spans, list) else ():
+                trace_id = getattr(span, "trace_id", None)
+                if isinstance(trace_id, str):
+                    self._spans_dropped_for[trace_id] = None
+            while len(self._spans_dropped_for) > _REMEMBERED_DROPS:
+                self._spans_dropped_for.popitem(last=False)
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -143,6 +164,9 @@ class ExportLosses:
                 except queue.Full:
                     trace_task = getattr(handler, "__name__", "") == "_log_trace"
                     losses._count("traces_dropped" if trace_task else "span_batches_dropped")
+                    if not trace_task:  # _log_spans(experiment_id, spans, workspace)
+                        args: Any = getattr(item, "args", ())
+                        losses._remember_dropped_spans(args[1] if len(args) > 1 else None)
                     raise
 
         return CountingQueue
@@ -175,32 +199,23 @@ class ExportLosses:
 export_losses = ExportLosses()
 
 
-# Spans per log_spans call under load; MLflow's default of 5 made one export request per two or three
-# traces. At low load nothing changes: the batch still leaves after MLflow's schedule delay.
-_SPAN_BATCH_SIZE = 256
-
-
 def speed_up_mlflow_exporter() -> bool:
     """Make MLflow's own exporter cheaper per trace without changing what it stores. Never raises.
 
-    Larger span batches (unless MLFLOW_ASYNC_TRACE_LOGGING_MAX_SPAN_BATCH_SIZE is set) and the fast
-    trace-info client (`trace_info_client`). Returns whether the fast client is in place.
+    Installs the fast trace-info client (`trace_info_client`); returns whether it is in place. Span
+    batches stay at MLflow's size (5): with larger ones (64, 256) a sqlite-backed server dropped the spans
+    of dozens of traces per batch ("Could not create trace_info ... after 10 retries"), because each
+    trace-info write landing mid-batch makes the whole batch start over.
     """
     try:
         from mlflow.tracing.export.mlflow_v3 import MlflowV3SpanExporter
-        from mlflow.tracing.provider import _get_span_processor, _get_trace_exporter
+        from mlflow.tracing.provider import _get_trace_exporter
 
         from .trace_info_client import install_fast_trace_info_client
 
         exporter = _get_trace_exporter()
         if type(exporter) is not MlflowV3SpanExporter:
             return False
-        delegate = getattr(_get_span_processor(), "_batch_delegate", None)
-        batch: Any = getattr(delegate, "_batch_processor", None)
-        if "MLFLOW_ASYNC_TRACE_LOGGING_MAX_SPAN_BATCH_SIZE" not in os.environ and hasattr(
-            batch, "_max_export_batch_size"
-        ):
-            batch._max_export_batch_size = max(batch._max_export_batch_size, _SPAN_BATCH_SIZE)
         return install_fast_trace_info_client(exporter) is not None
     except Exception:
         logger.debug("cannot tune MLflow's exporter", exc_info=True)

@@ -167,6 +167,8 @@ class FastTraceInfoClient:
         """Upsert the trace info; returns it with the tags the server added (as MLflow's client does)."""
         from mlflow.utils.workspace_context import get_request_workspace
 
+        from .export import export_losses
+
         # A workspace (header per request) is MLflow's client's business.
         data = None if get_request_workspace() else self._post(start_trace_body(trace_info).encode())
         if data is not None:
@@ -175,10 +177,13 @@ class FastTraceInfoClient:
                 trace_info.tags.update({str(k): str(v) for k, v in stored.get("tags", {}).items()})
             except (ValueError, KeyError, TypeError, AttributeError):
                 logger.debug("unexpected StartTraceV3 answer; the trace info was stored", exc_info=True)
-            if getattr(self._exporter, "_store_supports_log_spans", False):
+            if getattr(self._exporter, "_store_supports_log_spans", False) and not export_losses.spans_dropped(
+                trace_info.trace_id
+            ):
                 # The server tags a trace's spans location when its spans arrive; the exporter sends
                 # those in a separate task that may land after this one, and without the tag it would
                 # also upload the whole trace as an artifact: a second copy, and the costliest call.
+                # Where the spans' batch was dropped, that upload is the only copy, so it stays.
                 trace_info.tags.setdefault(_SPANS_LOCATION_TAG, _TRACKING_STORE)
             with self._lock:
                 self.fast_calls += 1

@@ -91,11 +91,13 @@ def full_mlflow_python() -> Path:
 class MlflowServer:
     """A `mlflow server` process with a sqlite store, which tests may stop and start again."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, app_name: str | None = None, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+        self._app_name = app_name  # e.g. "basic-auth"
+        self._env = env or {}
 
     def start(self, timeout: float = 120.0) -> None:
         log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - kept open for the child
@@ -113,8 +115,10 @@ class MlflowServer:
                 str(self.port),
                 "--workers",
                 "1",
+                *(["--app-name", self._app_name] if self._app_name else []),
             ],
             cwd=self.workdir,
+            env=os.environ | self._env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

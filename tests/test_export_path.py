@@ -6,6 +6,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
 from google.protobuf import json_format
@@ -18,7 +19,7 @@ from mlflow_feedback_middleware.export import flush_exports
 from mlflow_feedback_middleware.trace_info_client import FastTraceInfoClient, _proto_body, start_trace_body
 
 from .apps import build_app
-from .support import MlflowServer, client_for, get_trace, root_span, wait_until
+from .support import MlflowServer, client_for, get_trace, root_span, run_script, wait_until
 
 TRACE_HEADER = "x-mlflow-trace-id"
 
@@ -130,3 +131,85 @@ async def test_the_fast_path_survives_the_server_closing_idle_connections(experi
     assert fast_client().delegated_calls == before[1]
     for response in (first, second):
         assert get_trace(response.headers[TRACE_HEADER]).info.client_request_id == response.headers["x-request-id"]
+
+
+AUTH_SCRIPT = """
+import asyncio, json, sys
+import httpx
+from mlflow.tracing.provider import _get_trace_exporter
+from mlflow_feedback_middleware.export import flush_exports
+from tests.apps import build_app
+from tests.support import get_trace
+
+async def main():
+    app = build_app(tracking_uri=sys.argv[1], experiment_name="auth-export")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        responses = [await client.post("/chat", json={"message": f"m{i}"}) for i in range(3)]
+    flush_exports(30)
+    fast = _get_trace_exporter()._client
+    stored = [get_trace(r.headers["x-mlflow-trace-id"]).info.client_request_id == r.headers["x-request-id"]
+              for r in responses]
+    print(json.dumps({"client": type(fast).__name__, "fast": fast.fast_calls, "delegated": fast.delegated_calls,
+                      "stored": stored}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_fast_path_sends_the_tracking_servers_credentials(tmp_path: Path) -> None:
+    """Against a server with MLflow's basic-auth app: MLFLOW_TRACKING_USERNAME/PASSWORD reach the fast
+    path's requests (a refused call would have gone to MLflow's client and been counted as delegated)."""
+    password = f"pw-{uuid.uuid4().hex}"
+    server_env = {"MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}
+    server = MlflowServer(tmp_path, app_name="basic-auth", env=server_env)
+    server.start()
+    try:
+        anonymous = httpx.post(f"{server.url}/api/3.0/mlflow/traces", json={}, timeout=10)
+        out = run_script(
+            AUTH_SCRIPT, [server.url], {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        )
+    finally:
+        server.stop()
+    assert anonymous.status_code == 401  # the server does check
+    assert out == {"client": "FastTraceInfoClient", "fast": 3, "delegated": 0, "stored": [True, True, True]}
+
+
+DROPPED_SPANS_SCRIPT = """
+import asyncio, json, queue, sys
+import httpx, mlflow
+from mlflow_feedback_middleware.export import export_losses, flush_exports
+from tests.apps import build_app
+
+async def main():
+    app = build_app(experiment_name=sys.argv[1])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        await client.post("/chat", json={"message": "warm-up"})  # MLflow builds its exporter; hooks go in
+        flush_exports(30)
+        # MLflow's queue refuses span batches, as when it is full; trace infos still go through.
+        put = queue.Queue.put
+        def full_for_spans(self, item, *args, **kwargs):
+            if getattr(getattr(item, "handler", None), "__name__", "") == "_log_spans":
+                raise queue.Full
+            return put(self, item, *args, **kwargs)
+        queue.Queue.put = full_for_spans
+        response = await client.post("/chat", json={"message": "spans lost"})
+        flush_exports(30)
+        queue.Queue.put = put
+    trace_id = response.headers["x-mlflow-trace-id"]
+    trace = mlflow.get_trace(trace_id)
+    print(json.dumps({"dropped": export_losses.span_batches_dropped,
+                      "remembered": export_losses.spans_dropped(trace_id),
+                      "spans": sorted(s.name for s in trace.data.spans) if trace else None}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_trace_whose_span_batch_was_dropped_keeps_mlflows_artifact_copy(
+    mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    """The fast client skips MLflow's artifact upload only when the spans went to the tracking store: a
+    trace whose span batch was dropped keeps the upload, its only copy of the spans."""
+    out = run_script(DROPPED_SPANS_SCRIPT, [experiment_name], {"MLFLOW_TRACKING_URI": mlflow_server.url})
+    assert out["dropped"] >= 1 and out["remembered"] is True
+    assert out["spans"] == ["POST /chat", "fake_llm_async"]
