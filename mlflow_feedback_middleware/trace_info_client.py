@@ -39,9 +39,9 @@ def _rfc3339(ms: int) -> str:
 def start_trace_body(trace_info: Any) -> str:
     """The StartTraceV3 request body for `trace_info`, as MLflow's client would send it.
 
-    Built directly rather than through protobuf's pure-Python JSON printer, which took a third of the
-    export CPU. Anything beyond the experiment traces the middleware writes (assessments logged inside
-    the trace, other trace locations) goes through MLflow's own conversion.
+    Built directly rather than through protobuf's pure-Python JSON printer (0.035 ms per body against
+    0.23 ms, `timeit` on our machine). Anything beyond the experiment traces the middleware writes
+    (assessments logged inside the trace, other trace locations) goes through MLflow's own conversion.
     """
     location = trace_info.trace_location
     experiment = getattr(location, "mlflow_experiment", None)
@@ -169,8 +169,15 @@ class FastTraceInfoClient:
 
         from .export import export_losses
 
+        data = None
         # A workspace (header per request) is MLflow's client's business.
-        data = None if get_request_workspace() else self._post(start_trace_body(trace_info).encode())
+        if not get_request_workspace():
+            try:
+                body = start_trace_body(trace_info).encode()
+            except Exception:  # MLflow's entities changed under us: its own client knows them
+                logger.debug("cannot build the StartTraceV3 body; MLflow's client sends it", exc_info=True)
+            else:
+                data = self._post(body)
         if data is not None:
             try:
                 stored = json.loads(data)["trace"]["trace_info"]
