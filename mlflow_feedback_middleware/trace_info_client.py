@@ -23,6 +23,15 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse
 
+from mlflow.entities import Trace, TraceData
+from mlflow.entities.trace_info_v2 import _truncate_request_metadata, _truncate_tags
+from mlflow.protos.service_pb2 import StartTraceV3
+from mlflow.tracking.request_header.registry import resolve_request_headers
+from mlflow.utils.proto_json_utils import message_to_json
+from mlflow.utils.workspace_context import get_request_workspace
+
+from .export import export_losses
+
 logger = logging.getLogger("mlflow_feedback_middleware")
 
 _START_TRACE_PATH = "/api/3.0/mlflow/traces"
@@ -47,8 +56,6 @@ def start_trace_body(trace_info: Any) -> str:
     experiment = getattr(location, "mlflow_experiment", None)
     if trace_info.assessments or experiment is None or getattr(location, "type", None) != "MLFLOW_EXPERIMENT":
         return _proto_body(trace_info)
-    from mlflow.entities.trace_info_v2 import _truncate_request_metadata, _truncate_tags
-
     info: dict[str, Any] = {
         "trace_id": trace_info.trace_id,
         "trace_location": {
@@ -71,10 +78,6 @@ def start_trace_body(trace_info: Any) -> str:
 
 
 def _proto_body(trace_info: Any) -> str:
-    from mlflow.entities import Trace, TraceData
-    from mlflow.protos.service_pb2 import StartTraceV3
-    from mlflow.utils.proto_json_utils import message_to_json
-
     return str(message_to_json(StartTraceV3(trace=Trace(info=trace_info, data=TraceData(spans=[])).to_proto())))
 
 
@@ -119,8 +122,6 @@ class FastTraceInfoClient:
 
     @staticmethod
     def _fixed_headers(creds: Any) -> dict[str, str]:
-        from mlflow.tracking.request_header.registry import resolve_request_headers
-
         # Header providers describe the process (user agent, environment); resolved once, not per call.
         headers = {str(k): str(v) for k, v in resolve_request_headers().items()}
         headers["Content-Type"] = "application/json"
@@ -165,10 +166,6 @@ class FastTraceInfoClient:
 
     def start_trace(self, trace_info: Any) -> Any:
         """Upsert the trace info; returns it with the tags the server added (as MLflow's client does)."""
-        from mlflow.utils.workspace_context import get_request_workspace
-
-        from .export import export_losses
-
         data = None
         # A workspace (header per request) is MLflow's client's business.
         if not get_request_workspace():
