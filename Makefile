@@ -3,12 +3,18 @@
 #   .venv-mlflow  the full mlflow package: the tracking server the tests start, and the demo.
 PYTHON ?= python3
 PIP_FLAGS ?= --quiet --disable-pip-version-check
+# The JavaScript LLM clients (openai, Vercel AI SDK) the tests drive, where npm is installed.
+NODE_CLIENTS := $(if $(shell command -v npm 2>/dev/null),tests/node/node_modules/.ready)
 
 .PHONY: demo test ui bench bench-report clean
 
 .venv/.ready: pyproject.toml
 	$(PYTHON) -m venv .venv
 	.venv/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+tests/node/node_modules/.ready: tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 .venv-mlflow/.ready: pyproject.toml
@@ -21,7 +27,7 @@ demo: .venv-mlflow/.ready
 	cd examples && ../.venv-mlflow/bin/python -m uvicorn chat_app:app --port $${PORT:-8000}
 
 ## test: lint, type-check, then the whole suite against a real `mlflow server`
-test: .venv/.ready .venv-mlflow/.ready
+test: .venv/.ready .venv-mlflow/.ready $(NODE_CLIENTS)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy

@@ -58,7 +58,7 @@ class Settings:
     user_id_header: str = "X-User-ID"
     session_id_header: str = "X-Session-ID"
     exclude_paths: Iterable[str] = DEFAULT_EXCLUDE_PATHS
-    sse_final_event: bool = True
+    sse_final_event: bool | None = None
     sse_event_name: str = "mlflow_trace"
     capture_request_body: bool = True
     capture_response_body: bool = True

@@ -75,7 +75,7 @@ PARSERS: Mapping[str, Callable[[str], Any]] = {
     "user_id_header": str,
     "session_id_header": str,
     "exclude_paths": _json_list,
-    "sse_final_event": _bool,
+    "sse_final_event": lambda text: None if text.strip().lower() == "auto" else _bool(text),
     "sse_event_name": str,
     "capture_request_body": _bool,
     "capture_response_body": _bool,

@@ -1,4 +1,4 @@
-"""One traced HTTP request/response: the root span, the ID headers, the SSE trailer and the captures.
+"""One traced HTTP request/response: the root span, the ID headers, the in-band trace ID and the captures.
 
 A new `TracedExchange` serves each request, so no per-request state lives on the shared middleware.
 """
@@ -6,6 +6,7 @@ A new `TracedExchange` serves each request, so no per-request state lives on the
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -17,8 +18,9 @@ from .capture import BodyCapture, capture_for, media_type
 from .context import RequestIds, current_ids
 from .distributed import valid_traceparent
 from .ids import clean_principal_id, is_valid_client_request_id, new_client_request_id
-from .sse import SseTrailer
+from .sse import SseTrailer, encode_event
 from .tracing import hoist_trace_tags, logger, rename_root, set_trace_tags
+from .wire_formats import SseEventReader, format_from_headers, is_chat_answer, is_chat_request
 
 if TYPE_CHECKING:
     from .middleware import MlflowFeedbackMiddleware
@@ -26,6 +28,12 @@ if TYPE_CHECKING:
 _OUTCOME_ATTRIBUTE = "http.outcome"
 _DISCONNECTED = "client_disconnected"
 _INTERNAL_ERROR_BODY = b"Internal Server Error"
+# MLflow AgentServer's request header (mlflow.genai.agent_server.RETURN_TRACE_HEADER): "true" asks for the
+# trace ID in-band, as ``metadata.trace_id`` of a JSON answer or a ``data: {"trace_id": ...}`` stream event.
+RETURN_TRACE_HEADER = b"x-mlflow-return-trace-id"
+# A JSON answer is held back to add ``metadata.trace_id`` only up to this size; a larger one passes as it is.
+_MAX_HELD_JSON_BYTES = 1 << 20
+_WIRE_FORMAT_ATTRIBUTE = "http.response.wire_format"
 
 
 def _header_value(raw: bytes) -> str:
@@ -39,9 +47,13 @@ class TracedExchange:
         "_app_receive",
         "_app_send",
         "_entry_root_path",
+        "_held",
+        "_held_start",
         "_mw",
+        "_reader",
         "_request_body",
         "_response_body",
+        "_return_trace_id",
         "_sse",
         "client_gone",
         "ids",
@@ -60,6 +72,10 @@ class TracedExchange:
         self._request_body: BodyCapture | None = None
         self._response_body: BodyCapture | None = None
         self._sse: SseTrailer | None = None
+        self._reader: SseEventReader | None = None
+        self._return_trace_id = False
+        self._held_start: Message | None = None  # a JSON answer's start, held to add metadata.trace_id
+        self._held: list[bytes] = []
         self.ids: RequestIds | None = None
         self.client_gone = False
         self.response_started = False
@@ -80,6 +96,8 @@ class TracedExchange:
                 session_id = clean_principal_id(_header_value(value))
             elif name == b"content-type":
                 content_type = _header_value(value)
+            elif name == RETURN_TRACE_HEADER:
+                self._return_trace_id = value.strip().lower() == b"true"
         if request_id is None or not is_valid_client_request_id(request_id):
             if request_id is not None:
                 logger.debug("replacing malformed %s header value", settings.request_id_header)
@@ -126,11 +144,18 @@ class TracedExchange:
         kind = message["type"]
         if kind == "http.response.start":
             message = self._start_response(message)
+            if self._held_start is not None:
+                self._held_start = message
+                return
         elif kind == "http.response.body":
             body: bytes = message.get("body", b"")
             more_body: bool = message.get("more_body", False)
             if self._response_body is not None:
                 self._response_body.add(body)
+            if self._reader is not None:
+                self._reader.feed(body)
+                if not more_body:
+                    self._reader.finish()
             if self._sse is not None and not self.client_gone:
                 out = self._sse.feed(body)
                 if not more_body:
@@ -139,6 +164,11 @@ class TracedExchange:
                     message = {**message, "body": out}
             if not more_body:
                 self.response_complete = True
+            if self._held_start is not None:
+                released = await self._release_held(message)
+                if released is None:
+                    return
+                message = released
         try:
             await self._app_send(message)
         except OSError:
@@ -152,13 +182,15 @@ class TracedExchange:
         self.status = message["status"]
         headers: list[tuple[bytes, bytes]] = list(message.get("headers", ()))
         content_type = ""
-        fixed_or_encoded = has_trace_id = has_request_id = has_token = False
+        fixed_length = encoded = has_trace_id = has_request_id = has_token = False
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-type":
                 content_type = _header_value(value)
-            elif lower in (b"content-length", b"content-encoding"):
-                fixed_or_encoded = True
+            elif lower == b"content-length":
+                fixed_length = True
+            elif lower == b"content-encoding":
+                encoded = True
             elif lower == mw.trace_id_header_key:
                 has_trace_id = True
             elif lower == mw.request_id_header_key:
@@ -172,14 +204,74 @@ class TracedExchange:
             headers.append((mw.request_id_header_key, ids.client_request_id.encode()))
         if ids.feedback_token is not None and not has_token:
             headers.append((mw.token_header_key, ids.feedback_token.encode()))
-        if media_type(content_type) == "text/event-stream" and not fixed_or_encoded and settings.sse_final_event:
-            event = {"type": "done", "trace_id": ids.trace_id, "client_request_id": ids.client_request_id}
-            if ids.feedback_token is not None:
-                event["feedback_token"] = ids.feedback_token
-            self._sse = SseTrailer(settings.sse_event_name, event)
+        media = media_type(content_type)
+        if media == "text/event-stream" and not (fixed_length or encoded):
+            self._reader = SseEventReader(format_from_headers(headers), settings.capture_response_body)
+            if settings.sse_final_event is not False:
+                self._sse = SseTrailer(self._trace_event)
+        elif (
+            self._return_trace_id
+            and (media == "application/json" or media.endswith("+json"))
+            and not encoded
+            and self.status == 200
+        ):
+            self._held_start = message  # replaced by the message with our headers on return
         if settings.capture_response_body:
             self._response_body = capture_for(content_type, settings.max_capture_bytes)
         return {**message, "headers": headers}
+
+    def _trace_event(self, sep: bytes) -> bytes:
+        """The in-band trace event for this stream, asked for once its wire format is known: see the
+        README's trailer policy. Only called where `sse_final_event` is not False."""
+        ids, settings = self.ids, self._mw.settings
+        assert ids is not None
+        if self._return_trace_id:  # the client asked in MLflow AgentServer's words: its shape, exactly
+            return encode_event(None, {"trace_id": ids.trace_id}, sep)
+        if settings.sse_final_event is None and self._reader is not None and self._reader.format is not None:
+            return b""  # an LLM wire format: its clients would parse our event as one of theirs
+        event = {"type": "done", "trace_id": ids.trace_id, "client_request_id": ids.client_request_id}
+        if ids.feedback_token is not None:
+            event["feedback_token"] = ids.feedback_token
+        return encode_event(settings.sse_event_name, event, sep)
+
+    async def _release_held(self, message: Message) -> Message | None:
+        """Hold a JSON answer until it is complete, then send it with ``metadata.trace_id`` added (as MLflow's
+        AgentServer does when asked). Returns the body message to send now, or None while still holding."""
+        assert self._held_start is not None and self.ids is not None
+        body: bytes = message.get("body", b"")
+        self._held.append(body)
+        more_body: bool = message.get("more_body", False)
+        size = sum(len(part) for part in self._held)
+        if more_body and size <= _MAX_HELD_JSON_BYTES:
+            return None
+        start, raw = self._held_start, b"".join(self._held)
+        self._held_start, self._held = None, []
+        if not more_body:
+            try:
+                answer = json.loads(raw)
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict):
+                metadata = answer.get("metadata")
+                answer["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), "trace_id": self.ids.trace_id}
+                raw = json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
+                length = str(len(raw)).encode()
+                start = {
+                    **start,
+                    "headers": [
+                        (name, length if name.lower() == b"content-length" else value)
+                        for name, value in start.get("headers", ())
+                    ],
+                }
+        await self._send_raw(start)
+        return {**message, "body": raw}
+
+    async def _send_raw(self, message: Message) -> None:
+        try:
+            await self._app_send(message)
+        except OSError:
+            self.client_gone = True
+            raise
 
     def _may_answer_error(self) -> bool:
         # Inside Starlette's stack, ServerErrorMiddleware answers unhandled errors with a bare 500 that
@@ -225,20 +317,28 @@ class TracedExchange:
             prefix = scope.get("root_path", "")[len(self._entry_root_path) :]
             rename_root(span, f"{method} {prefix}{template}", self._mw.backend.otlp)
             span.set_attribute("http.route", prefix + template)
+        settings = self._mw.settings
         inputs: dict[str, Any] = {"method": method, "path": scope["path"]}
         query = scope.get("query_string", b"")
         if query:
             inputs["query"] = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
         if self._request_body is not None and self._request_body.size:
-            inputs["body"] = self._request_body.value()
-        inputs = self._mw.settings.redact(inputs)
-        span.set_inputs(inputs)
+            body = self._request_body.value()
+            # An LLM call's messages are the inputs themselves, so MLflow's UI shows a conversation.
+            inputs = body if is_chat_request(body) else {**inputs, "body": body}
+        span.set_inputs(settings.redact(inputs))
         span.set_attribute("http.method", method)
         span.set_attribute("http.target", scope["path"])
 
+        answer = self._reader.answer() if self._reader is not None else None
+        if self._reader is not None and self._reader.format is not None:
+            span.set_attribute(_WIRE_FORMAT_ATTRIBUTE, self._reader.format)
         outputs: dict[str, Any] = {"status_code": self.status}
         if self._response_body is not None and self._response_body.size:
-            outputs["body"] = self._mw.settings.redact(self._response_body.value())
+            body = self._response_body.value()
+            if answer is None and is_chat_answer(body):
+                answer = body
+            outputs["body"] = settings.redact(body if answer is None else answer)
         if self.status is not None:
             span.set_attribute("http.status_code", self.status)
 
@@ -259,6 +359,7 @@ class TracedExchange:
         if outcome != "completed":
             # searchable: tags.`http.outcome` = 'error'
             set_trace_tags(span, {_OUTCOME_ATTRIBUTE: outcome}, self._mw.backend.otlp)
-        span.set_outputs(outputs)
+        chat_answer = answer is not None and "body" in outputs and outcome == "completed" and (self.status or 500) < 400
+        span.set_outputs(outputs["body"] if chat_answer else outputs)
         if self._mw.backend.otlp:
             hoist_trace_tags(span)

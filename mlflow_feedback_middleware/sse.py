@@ -1,4 +1,4 @@
-"""Appends one final named event to a Server-Sent-Events stream without holding back any of its bytes.
+"""Appends one final event to a Server-Sent-Events stream without holding back any of its bytes.
 
 The stream passes through chunk by chunk. A small line-level state machine tracks where events begin
 and end, so the trace event can be placed:
@@ -8,32 +8,38 @@ and end, so the trace event can be placed:
 - otherwise at the very end, after closing any unfinished line and event so it cannot merge with the
   app's last event.
 
-It is a *named* event (``event: mlflow_trace``), so ``EventSource.onmessage`` handlers never see it.
+What the event is (the named ``mlflow_trace`` event, MLflow AgentServer's ``data: {"trace_id": ...}``, or
+nothing at all) is asked only when it is placed: by then the stream's wire format is known.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _DONE_LINES = (b"data: [DONE]", b"data:[DONE]")
 
 
-def encode_event(name: str, data: dict[str, str], sep: bytes = b"\n") -> bytes:
-    """One SSE event with a single-line JSON payload, framed with `sep`."""
+def encode_event(name: str | None, data: dict[str, str], sep: bytes = b"\n") -> bytes:
+    """One SSE event with a single-line JSON payload, framed with `sep`; unnamed when `name` is None."""
     payload = json.dumps(data, separators=(",", ":")).encode()
-    return b"event: " + name.encode() + sep + b"data: " + payload + sep + sep
+    head = b"" if name is None else b"event: " + name.encode() + sep
+    return head + b"data: " + payload + sep + sep
 
 
 class SseTrailer:
-    """Feeds a stream's chunks through and says what to add, and where, for the final event."""
+    """Feeds a stream's chunks through and says what to add, and where, for the final event.
 
-    __slots__ = ("_event_data", "_event_name", "_in_event", "_last_cr", "_partial", "_sep", "sent")
+    `make_event(sep)` gives the event's bytes framed with the stream's separator, or b"" to add nothing
+    (then the stream passes byte for byte).
+    """
 
-    def __init__(self, event_name: str, event_data: dict[str, str]) -> None:
-        self._event_name = event_name
-        self._event_data = event_data
+    __slots__ = ("_in_event", "_last_cr", "_make_event", "_partial", "_sep", "sent")
+
+    def __init__(self, make_event: Callable[[bytes], bytes]) -> None:
+        self._make_event = make_event
         self._sep: bytes | None = None  # the stream's own line separator, once seen
         self._partial = False  # the last chunk ended inside a non-empty line
         self._in_event = False  # a non-blank line came since the last blank line
@@ -41,7 +47,7 @@ class SseTrailer:
         self.sent = False
 
     def _event(self) -> bytes:
-        return encode_event(self._event_name, self._event_data, self._sep or b"\n")
+        return self._make_event(self._sep or b"\n")
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send for `chunk`: the chunk itself, with the event inserted before a sentinel."""
@@ -83,17 +89,21 @@ class SseTrailer:
         if insert_at is None:
             return chunk
         self.sent = True
-        return chunk[:insert_at] + self._event() + chunk[insert_at:]
+        event = self._event()
+        return chunk[:insert_at] + event + chunk[insert_at:] if event else chunk
 
     def finish(self) -> bytes:
         """What to send just before the stream ends: the closing of an open event, then the event."""
         if self.sent:
             return b""
         self.sent = True
+        event = self._event()
+        if not event:
+            return b""
         sep = self._sep or b"\n"
         closing = b""
         if self._partial:
             closing += sep
         if self._in_event:
             closing += sep
-        return closing + self._event()
+        return closing + event

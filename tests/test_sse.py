@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_feedback_middleware.sse import SseTrailer
+from mlflow_feedback_middleware.sse import SseTrailer, encode_event
 
 DATA = {"type": "done", "trace_id": "tr-1"}
+
+
+def named_event(sep: bytes) -> bytes:
+    return encode_event("mlflow_trace", DATA, sep)
+
+
 EVENT_LF = b'event: mlflow_trace\ndata: {"type":"done","trace_id":"tr-1"}\n\n'
 EVENT_CRLF = EVENT_LF.replace(b"\n", b"\r\n")
 EVENT_CR = EVENT_LF.replace(b"\n", b"\r")
 
 
 def run(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
-    trailer = SseTrailer("mlflow_trace", DATA)
+    trailer = SseTrailer(named_event)
     sent = [trailer.feed(chunk) for chunk in chunks]
     return sent, trailer.finish()
 
@@ -50,7 +56,7 @@ def test_trailer_appends_one_event_in_the_stream_framing(chunks: list[bytes], se
     ],
 )
 def test_trailer_goes_before_the_done_sentinel(chunk: bytes, expected: bytes) -> None:
-    trailer = SseTrailer("mlflow_trace", DATA)
+    trailer = SseTrailer(named_event)
     assert trailer.feed(chunk) == expected
     assert trailer.finish() == b""
 
@@ -66,3 +72,17 @@ def test_data_that_only_mentions_done_is_not_a_sentinel() -> None:
     sent, finish = run([b"data: [DONE] and more\n\n"])
     assert sent == [b"data: [DONE] and more\n\n"]
     assert finish == EVENT_LF
+
+
+@pytest.mark.parametrize("chunks", [[b"data: a\n\n"], [b"data: a"], [b"data: x\n\ndata: [DONE]\n\n"], []])
+def test_a_trailer_with_nothing_to_add_leaves_the_stream_byte_for_byte(chunks: list[bytes]) -> None:
+    trailer = SseTrailer(lambda sep: b"")
+    assert [trailer.feed(chunk) for chunk in chunks] == chunks
+    assert trailer.finish() == b""
+
+
+def test_the_agent_server_event_is_unnamed_and_framed_like_the_stream() -> None:
+    trailer = SseTrailer(lambda sep: encode_event(None, {"trace_id": "tr-1"}, sep))
+    assert trailer.feed(b"data: x\r\n\r\ndata: [DONE]\r\n\r\n") == (
+        b'data: x\r\n\r\ndata: {"trace_id":"tr-1"}\r\n\r\ndata: [DONE]\r\n\r\n'
+    )

@@ -285,8 +285,17 @@ async def test_sse_starlette_stream_gets_final_event_with_its_separator(experime
     )
 
 
-async def test_final_event_goes_before_done_sentinel(experiment_name: str) -> None:
+async def test_an_openai_style_stream_passes_byte_for_byte_by_default(experiment_name: str) -> None:
+    """Its clients parse every data line as a chunk of theirs: the trace ID stays in the headers."""
     app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        response = await client.get("/openai-stream")
+    assert response.text == 'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n'
+    assert response.headers[TRACE_HEADER].startswith("tr-")
+
+
+async def test_forced_final_event_goes_before_done_sentinel(experiment_name: str) -> None:
+    app = build_app(experiment_name=experiment_name, sse_final_event=True)
     async with client_for(app) as client:
         response = await client.get("/openai-stream")
     blocks = response.text.split("\n\n")
@@ -315,8 +324,10 @@ async def test_compressed_stream_is_left_alone(experiment_name: str) -> None:
 async def test_final_event_can_be_turned_off(experiment_name: str) -> None:
     app = build_app(experiment_name=experiment_name, sse_final_event=False)
     async with client_for(app) as client:
-        response = await client.get("/openai-stream")
+        response = await client.post("/chat/stream", json={"message": "hi"})
+        asked = await client.post("/chat/stream", json={"message": "hi"}, headers={"x-mlflow-return-trace-id": "true"})
     assert "mlflow_trace" not in response.text
+    assert "trace_id" not in asked.text  # off is off, whatever a client asks
 
 
 def test_client_disconnect_mid_stream_is_a_recorded_outcome(experiment_name: str) -> None:
