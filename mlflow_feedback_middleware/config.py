@@ -82,6 +82,7 @@ class Settings:
     redact_fields: Iterable[str] = DEFAULT_REDACT_FIELDS
     feedback_schema: FeedbackSchema | None = None
     summary_token: str | None = None  # enables GET {feedback_path}/summary for holders of this bearer token
+    trust_traceparent: bool = False  # continue callers' W3C traces (only behind callers that export them)
     _exclude: tuple[re.Pattern[str], ...] = field(init=False, repr=False)
     _identity: IdentityResolver = field(init=False, repr=False)
     _redact: frozenset[str] = field(init=False, repr=False)

@@ -98,6 +98,7 @@ PARSERS: Mapping[str, Callable[[str], Any]] = {
     "redact_fields": _words,
     "feedback_schema": _optional(str),
     "summary_token": str,
+    "trust_traceparent": _bool,
 }
 # The secret is read by the middleware itself (MLFLOW_FEEDBACK_SECRET and MLFLOW_FEEDBACK_PREVIOUS_SECRET).
 # Names documented before every argument had a variable; still read.

@@ -19,7 +19,7 @@ from .context import RequestIds, current_ids
 from .distributed import valid_traceparent
 from .ids import clean_principal_id, is_valid_client_request_id, new_client_request_id
 from .sse import SseTrailer, encode_event
-from .tracing import hoist_trace_tags, logger, rename_root, set_trace_tags
+from .tracing import hoist_trace_tags, link_caller, logger, rename_root, set_trace_tags
 from .wire_formats import SseEventReader, format_from_headers, is_chat_answer, is_chat_request
 
 if TYPE_CHECKING:
@@ -106,12 +106,18 @@ class TracedExchange:
             self._request_body = capture_for(content_type, settings.max_capture_bytes)
 
         error: BaseException | None = None
-        with mw.backend.start_root(f"{scope['method']} {scope['path']}", traceparent) as span:
+        # A caller's trace is continued only when its callers are trusted to export it (see the README):
+        # else a gateway's traceparent would leave this request unstored, or a forged one name another's trace.
+        continued = traceparent if settings.trust_traceparent else None
+        with mw.backend.start_root(f"{scope['method']} {scope['path']}", continued) as span:
             if not mw.backend.is_real(span):
                 await mw.app(scope, self._app_receive, self._app_send)
                 return
             assert isinstance(span, LiveSpan)
-            self.ids = mw.adopt(span, HTTPConnection(scope), request_id, session_id)
+            own = continued is None or span.parent_id is None  # a refused continuation starts a trace of its own
+            self.ids = mw.adopt(span, HTTPConnection(scope), request_id, session_id, own)
+            if traceparent is not None and continued is None:
+                link_caller(span, traceparent, mw.backend.otlp)
             state = scope.setdefault("state", {})
             state["mlflow_trace_id"] = span.trace_id
             state["client_request_id"] = request_id

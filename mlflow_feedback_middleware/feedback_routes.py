@@ -31,6 +31,7 @@ from .limits import RateLimiter
 from .outbox import DELIVERED, Item
 from .registry import RecentTraces
 from .report import GROUPINGS, build_report, parse_time, search_requests
+from .routing import route_path
 from .schema import SchemaError, default_schema
 from .tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .tracing import MlflowBackend, logger
@@ -111,7 +112,7 @@ class FeedbackRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        path: str = scope["path"]
+        path = route_path(scope)
         response: Response
         if path == self._path and request.method == "POST":
             try:
@@ -249,7 +250,8 @@ class FeedbackRoutes:
             # outbox, and the same assessments in MLflow (their metadata carries the item ID).
             item.id = _idempotent_id(item.destination, item.source_id, idempotency_key)
         await self._backend.ready(self._settings.startup_timeout_seconds)  # a search needs the experiment
-        return await self._submit(item)
+        # Status URLs as the client reaches them: behind a mount or a path-stripping proxy too.
+        return await self._submit(item, request.scope.get("root_path", "") + self._path)
 
     def _grant(self, token: object) -> FeedbackGrant | None:
         """The permission a token carries; None when tokens are off. Raises 401 when it grants nothing."""
@@ -281,7 +283,7 @@ class FeedbackRoutes:
             raise _BadRequest(403, "the feedback token was issued to another user", "feedback_token")
         return grant.user_id
 
-    async def _submit(self, item: Item) -> JSONResponse:
+    async def _submit(self, item: Item, public_path: str) -> JSONResponse:
         """Store `item` and answer with its first decisive outcome, or 202 while it is still pending."""
         # A trace this process issued is worth queueing for; any other ID is waited for here, until MLflow
         # has it or has said "not found" for `feedback_wait_seconds`, so a made-up ID gets its 404.
@@ -298,7 +300,7 @@ class FeedbackRoutes:
                 logger.error("could not store feedback in the outbox at %s", self._delivery.outbox.path, exc_info=True)
                 return _error(503, "the feedback store is unavailable; try again later")
             if earlier is not None:
-                return _replayed(item, earlier, self._path)
+                return _replayed(item, earlier, public_path)
             self._delivery.start()
             try:
                 outcome, item = await asyncio.wait_for(outcome_future, wait)
@@ -314,7 +316,7 @@ class FeedbackRoutes:
                 what = f"trace {item.trace_id!r}" if item.trace_id else f"client_request_id {item.client_request_id!r}"
                 return _error(404, f"{what} not found")
             return _error(422, f"MLflow rejected the feedback: {item.last_error}")
-        return _accepted(item, self._path)
+        return _accepted(item, public_path)
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
         limit = self._settings.max_feedback_body_bytes

@@ -38,6 +38,7 @@ from .identity import IdentityResolver
 from .limits import FeedbackLimits, RateLimit
 from .outbox import Outbox
 from .registry import RecentTraces
+from .routing import host_app, mount_feedback_routes, route_path
 from .schema import FeedbackSchema
 from .tokens import FeedbackTokens, as_secret_list
 from .tracing import MlflowBackend, annotate_trace
@@ -90,6 +91,7 @@ class MlflowFeedbackMiddleware:
         redact_fields: Iterable[str] = DEFAULT_REDACT_FIELDS,
         feedback_schema: FeedbackSchema | str | os.PathLike[str] | None = None,
         summary_token: str | None = None,
+        trust_traceparent: bool = False,
     ) -> None:
         # Every argument still at its default may come from MLFLOW_FEEDBACK_<NAME> (see env_config).
         given = {name: value for name, value in locals().items() if name not in ("self", "app")}
@@ -141,14 +143,21 @@ class MlflowFeedbackMiddleware:
             if settings.feedback_path is not None
             else None
         )
+        # None until the first call says whether the host app's router serves the feedback routes.
+        self._routes_mounted: bool | None = None if self.feedback is not None else False
 
-    def adopt(self, span: LiveSpan, conn: HTTPConnection, request_id: str, session_id: str | None) -> RequestIds:
+    def adopt(
+        self, span: LiveSpan, conn: HTTPConnection, request_id: str, session_id: str | None, own: bool = True
+    ) -> RequestIds:
         """Make a fresh root span a traced exchange (an HTTP request or a WebSocket turn): its end user,
-        feedback token and IDs recorded on the trace, and the trace remembered as issued here."""
+        feedback token and IDs recorded on the trace, and the trace remembered as issued here.
+
+        A continued caller's trace (`own` False) is remembered by client request ID only: feedback on it is
+        checked against the tracking server, as for any trace this service did not start."""
         user_id = self.settings.user_of(conn)
         token = self.tokens.issue(span.trace_id, request_id, user_id) if self.tokens else None
         annotate_trace(span, request_id, user_id, session_id, self.backend.otlp)
-        self.recent.add(span.trace_id, request_id)
+        self.recent.add(span.trace_id, request_id, own)
         return RequestIds(span.trace_id, request_id, token)
 
     def status(self) -> dict[str, Any]:
@@ -156,6 +165,10 @@ class MlflowFeedbackMiddleware:
         return self.delivery.status()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._routes_mounted is None:
+            assert self.feedback is not None and self.settings.feedback_path is not None
+            app = host_app(self.app, scope)
+            self._routes_mounted = mount_feedback_routes(app, self.feedback, self.settings.feedback_path)
         kind = scope["type"]
         if kind != "http":
             if kind == "lifespan":
@@ -165,9 +178,11 @@ class MlflowFeedbackMiddleware:
             await self.app(scope, receive, send)
             return
         self.delivery.start()  # replays what an earlier process left, where no lifespan ran
-        path: str = scope["path"]
+        path = route_path(scope)
         if self.feedback is not None and self.feedback.handles(path):
-            await self.feedback(scope, receive, send)
+            # Never traced; through the app's router where it could take the routes, so the middleware
+            # added after this one (host checks, HTTPS redirects, authentication) guards them too.
+            await (self.app if self._routes_mounted else self.feedback)(scope, receive, send)
             return
         if scope["method"] == "OPTIONS" or self.settings.is_excluded(path):
             await self.app(scope, receive, send)

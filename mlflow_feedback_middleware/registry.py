@@ -24,8 +24,11 @@ class RecentTraces:
         self.issued = 0  # trace IDs handed out since start-up
         self._lock = threading.Lock()
 
-    def add(self, trace_id: str, client_request_id: str) -> None:
-        """Remember that this process issued `trace_id` for `client_request_id`; it is open until `ended`."""
+    def add(self, trace_id: str, client_request_id: str, own: bool = True) -> None:
+        """Remember that this process issued `trace_id` for `client_request_id`; it is open until `ended`.
+
+        A trace this service did not start (a caller's, continued) is found by its client request ID but
+        never counts as issued here."""
         with self._lock:
             self.issued += 1
             self._open.add(trace_id)
@@ -33,7 +36,8 @@ class RecentTraces:
             if old is not None:
                 self._trace_ids.discard(old)
             self._by_request_id[client_request_id] = trace_id
-            self._trace_ids.add(trace_id)
+            if own:
+                self._trace_ids.add(trace_id)
             while len(self._by_request_id) > self._capacity:
                 _, evicted = self._by_request_id.popitem(last=False)
                 self._trace_ids.discard(evicted)

@@ -252,6 +252,19 @@ def annotate_trace(
         logger.warning("could not record the request IDs on trace %s", span.trace_id, exc_info=True)
 
 
+CALLER_TRACE_TAG = "mlflow_feedback.caller_trace_id"
+
+
+def link_caller(span: LiveSpan, traceparent: str, otlp: bool) -> None:
+    """Record the caller's W3C context on a trace that does not continue it: the ``traceparent`` header as
+    OpenTelemetry records captured headers, and the caller's trace ID as a searchable tag."""
+    try:
+        span.set_attribute("http.request.header.traceparent", [traceparent])
+        set_trace_tags(span, {CALLER_TRACE_TAG: "tr-" + traceparent[3:35]}, otlp)
+    except Exception:  # a link is a courtesy: never fail a request for it
+        logger.debug("could not record the caller's trace context", exc_info=True)
+
+
 def rename_root(span: LiveSpan, name: str, otlp: bool) -> None:
     """Rename the root span and the trace once the route template is known.
 
