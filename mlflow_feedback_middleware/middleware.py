@@ -213,6 +213,7 @@ class MlflowFeedbackMiddleware:
                 deadline = time.monotonic() + self.settings.shutdown_timeout_seconds
                 await self.backend.flush(self.settings.shutdown_timeout_seconds)
                 await asyncio.to_thread(self.delivery.flush, max(deadline - time.monotonic(), 1.0))
+                self.backend.close()
             await send(message)
 
         return lifespan_send

@@ -13,6 +13,7 @@ apply), a workspace, proxies, custom TLS, and authentication other than none, ba
 
 from __future__ import annotations
 
+import atexit
 import base64
 import http.client
 import json
@@ -117,6 +118,8 @@ class FastTraceInfoClient:
         self._headers = self._fixed_headers(creds)
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._connections: list[http.client.HTTPConnection] = []  # every thread's, so they can be closed
+        self._closed = False  # after exit: MLflow's client sends what is left, on no socket of ours
         self.fast_calls = 0  # trace infos sent on the fast path (for tests and diagnostics)
         self.delegated_calls = 0
 
@@ -141,7 +144,17 @@ class FastTraceInfoClient:
             cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
             conn = cls(self._host, self._port, timeout=_TIMEOUT_SECONDS)
             self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
         return conn
+
+    def close_connections(self, final: bool = False) -> None:
+        """Close every kept-alive connection (each reopens on its next use, unless `final`)."""
+        with self._lock:
+            self._closed = self._closed or final
+            connections = list(self._connections)
+        for conn in connections:
+            conn.close()
 
     def _post(self, body: bytes) -> bytes | None:
         """The response body of a 200, else None.
@@ -158,6 +171,8 @@ class FastTraceInfoClient:
             except (OSError, http.client.HTTPException):
                 conn.close()
                 self._local.conn = None
+                with self._lock:
+                    self._connections.remove(conn)
                 if attempt:
                     return None
                 continue
@@ -168,7 +183,7 @@ class FastTraceInfoClient:
         """Upsert the trace info; returns it with the tags the server added (as MLflow's client does)."""
         data = None
         # A workspace (header per request) is MLflow's client's business.
-        if not get_request_workspace():
+        if not self._closed and not get_request_workspace():
             try:
                 body = start_trace_body(trace_info).encode()
             except Exception:  # MLflow's entities changed under us: its own client knows them
@@ -215,4 +230,18 @@ def install_fast_trace_info_client(exporter: Any) -> FastTraceInfoClient | None:
         return None
     fast = FastTraceInfoClient(client, uri, creds, exporter)
     exporter._client = fast
+    # Whichever runs first at exit, MLflow's final flush or this, no socket is left for the GC to warn of.
+    atexit.register(fast.close_connections, True)
     return fast
+
+
+def close_fast_connections() -> None:
+    """Close the kept-alive connections of the fast client MLflow's exporter has now, if it has one."""
+    try:
+        from mlflow.tracing.provider import _get_trace_exporter
+
+        client = getattr(_get_trace_exporter(), "_client", None)
+    except Exception:
+        return
+    if isinstance(client, FastTraceInfoClient):
+        client.close_connections()
