@@ -112,6 +112,10 @@ class FeedbackDelivery:
         finally:
             self.outbox.release_mine()
         atexit.unregister(self._at_exit)
+        if self._thread is not None and not self._thread.is_alive():
+            # Stopped for good: a lifespan that starts again (a test client entered twice) restarts it.
+            self._thread = None
+            self._stopping.clear()
 
     def _at_exit(self) -> None:
         """Without a lifespan shutdown: export held traces, then deliver the feedback waiting for them.

@@ -61,7 +61,8 @@ class MlflowBackend:
         self._experiment_name = experiment_name
         self._export = export
         self.otlp = False  # traces go through MLflow's batched OTLP exporter (export="otlp")
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mlflow-feedback")
+        self._threads = threads
+        self._executor = self._new_executor()
         self._lock = threading.Lock()
         self._attempt: Future[str | None] | None = None
         self._failures = 0
@@ -73,6 +74,9 @@ class MlflowBackend:
         self.losses = export_losses
         self._losses_hooked = False  # MLflow builds its exporter with the first span
         self._startup_deadline: float | None = None
+
+    def _new_executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="mlflow-feedback")
 
     @property
     def unreachable(self) -> bool:
@@ -189,8 +193,12 @@ class MlflowBackend:
                 speed_up_mlflow_exporter()
 
     def close(self) -> None:
-        """Release the threads and connections of this backend (at lifespan shutdown, after `flush`)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Release the threads and connections of this backend (at lifespan shutdown, after `flush`).
+
+        A lifespan may start again (a test client entered twice): a fresh executor starts no thread until used.
+        """
+        executor, self._executor = self._executor, self._new_executor()
+        executor.shutdown(wait=False, cancel_futures=True)
         close_fast_connections()
 
     def is_real(self, span: Any) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .support import ROOT, MlflowServer, run_script
+from .support import ROOT, MlflowServer, run_script, wait_until
 
 _NO_LIFESPAN = r"""
 import asyncio, gc, sys, uuid
@@ -81,3 +81,21 @@ def test_lifespan_starts_mlflow_off_the_loop_and_shutdown_releases_threads_and_s
     assert report["fast_client_before_first_request"] == "FastTraceInfoClient"
     assert report["open_connections"] == 0
     print(f"first request / second request: {report['first_over_second']:.2f}x")  # measured, not asserted
+
+
+def test_a_lifespan_entered_twice_still_traces_and_delivers_feedback(experiment_name: str) -> None:
+    """`with TestClient(app)` twice on one app: shutdown released the threads, the second start gets new ones."""
+    from fastapi.testclient import TestClient
+
+    from .apps import build_app
+
+    app = build_app(experiment_name=experiment_name)
+    for _ in range(2):
+        with TestClient(app) as client:
+            answer = client.post("/chat", json={"message": "again"})
+            trace_id = answer.headers["x-mlflow-trace-id"]
+            feedback = client.post(f"/feedback?trace_id={trace_id}", json={"is_correct": True})
+            assert feedback.status_code in (200, 202), feedback.text
+            if feedback.status_code == 202:
+                status_url = feedback.json()["status_url"]
+                wait_until(lambda: client.get(status_url).json()["state"] == "delivered", 60, "delivered")  # noqa: B023
