@@ -175,11 +175,7 @@ class TracedExchange:
                 if released is None:
                     return
                 message = released
-        try:
-            await self._app_send(message)
-        except OSError:
-            self.client_gone = True
-            raise
+        await self._send_raw(message)
 
     def _start_response(self, message: Message) -> Message:
         mw, settings = self._mw, self._mw.settings

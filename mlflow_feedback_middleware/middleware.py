@@ -167,7 +167,7 @@ class MlflowFeedbackMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._routes_mounted is None:
             assert self.feedback is not None and self.settings.feedback_path is not None
-            app = host_app(self.app, scope)
+            app = host_app(self.app, scope, type(self))
             self._routes_mounted = mount_feedback_routes(app, self.feedback, self.settings.feedback_path)
         kind = scope["type"]
         if kind != "http":

@@ -95,8 +95,11 @@ def mount_feedback_routes(app: Any, feedback: Any, path: str) -> bool:
     return True
 
 
-def host_app(app: ASGIApp, scope: Scope) -> Any:
-    """The Starlette app the middleware serves: the one it wraps, or the one whose stack it is in."""
+def host_app(app: ASGIApp, scope: Scope, middleware: type) -> Any:
+    """The Starlette app the middleware serves: the one it wraps, or the one whose stack it is in (not a
+    parent app that mounts the wrapped one: its router does not see the wrapped app's paths)."""
     if isinstance(getattr(app, "router", None), Router):
         return app
-    return scope.get("app")
+    candidate = scope.get("app")
+    stack = getattr(candidate, "user_middleware", None) or ()
+    return candidate if any(getattr(entry, "cls", None) is middleware for entry in stack) else None

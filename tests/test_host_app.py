@@ -123,3 +123,18 @@ def test_the_feedback_path_is_served_at_the_same_place_whatever_the_first_scope(
     from mlflow_feedback_middleware.routing import FeedbackRoute
 
     assert sum(isinstance(route, FeedbackRoute) for route in app.router.routes) == 1
+
+
+async def test_a_wrapped_app_mounted_in_a_parent_keeps_its_feedback_routes(experiment_name: str) -> None:
+    """The middleware wrapping a sub-app by hand: the parent's router is not the wrapped app's."""
+    sub = build_app(experiment_name=experiment_name, feedback_path=None)
+    sub.user_middleware.clear()
+
+    async def plain_asgi(scope: Any, receive: Any, send: Any) -> None:  # not a Starlette app: no router
+        await sub(scope, receive, send)
+
+    wrapped = MlflowFeedbackMiddleware(plain_asgi, experiment_name=experiment_name)
+    parent = Starlette(routes=[Mount("/v1", app=wrapped)])
+    async with client_for(parent) as client:
+        assert TRACE_HEADER in (await client.post("/v1/chat", json={"message": "hi"})).headers
+        assert (await client.get("/v1/feedback/schema")).status_code == 200
