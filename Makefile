@@ -6,7 +6,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # The JavaScript LLM clients (openai, Vercel AI SDK) the tests drive, where npm is installed.
 NODE_CLIENTS := $(if $(shell command -v npm 2>/dev/null),tests/node/node_modules/.ready)
 
-.PHONY: demo test ui bench bench-report clean
+.PHONY: demo test ui bench bench-report fastapi-suite clean
 
 .venv/.ready: pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -48,3 +48,7 @@ bench: .venv/.ready
 ## bench-report: `mlflow-feedback report` against the guide's analyze_user_feedback over 2,000 traces
 bench-report: .venv/.ready .venv-mlflow/.ready
 	MLFLOW_SERVER_BIN=$(CURDIR)/.venv-mlflow/bin/mlflow .venv/bin/python benchmarks/report_bench.py $(BENCH_ARGS)
+
+## fastapi-suite: FastAPI's own tutorial tests with the middleware injected into every app, against the same without
+fastapi-suite: .venv-mlflow/.ready
+	$(PYTHON) integration/fastapi_suite.py $(SUITE_ARGS)

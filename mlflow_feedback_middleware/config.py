@@ -37,8 +37,10 @@ DEFAULT_REDACT_FIELDS: tuple[str, ...] = (
     "feedback_token",
     "api_key",
     "apikey",
+    "access_key",
     "authorization",
     "cookie",
+    "credentials",
     "private_key",
 )
 

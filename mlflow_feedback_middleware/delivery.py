@@ -25,9 +25,13 @@ from typing import Any
 
 from .export import flush_exports
 from .feedback_writer import (
+    AMBIGUOUS,
+    CHOSEN_BY_CLIENT,
     NOT_FOUND,
+    REFUSED,
     REJECTED,
     UNAVAILABLE,
+    Refused,
     classify,
     log_feedback,
     search_trace_id,
@@ -44,9 +48,15 @@ logger = logging.getLogger("mlflow_feedback_middleware")
 
 WAITING = "waiting"  # the trace is not in MLflow yet; try again soon
 MAX_ATTEMPTS = 20
+# An item the server errs on while it answers its health check is retried on its own, this many times at
+# most, with these pauses, and never holds up the items behind it.
+MAX_ITEM_ERRORS = 5
+_ITEM_BACKOFF = (1, 5, 30, 60, 300)
+ITEM_ERROR = "item_error"
 _POLL_SECONDS = 5.0  # picks up items other processes left behind, and expired leases
 _BATCH = 20
 _RETENTION_SECONDS = 7 * 24 * 3600
+_FAILED_RETENTION_SECONDS = 30 * 24 * 3600
 _exports_flushed_at_exit = False
 
 
@@ -187,7 +197,12 @@ class FeedbackDelivery:
         try:
             if item.trace_id is None:
                 assert item.client_request_id is not None
-                item.trace_id = self._resolve(item.client_request_id)
+                try:
+                    item.trace_id = self._resolve(item.client_request_id)
+                except Refused as refused:
+                    item.state, item.last_error = FAILED, refused.message
+                    item.refusal = (refused.status, refused.message)
+                    return REFUSED
                 if item.trace_id is None:
                     return self._not_found(item)
             if not item.issued_here and self._backend.experiment_id is None:
@@ -195,10 +210,10 @@ class FeedbackDelivery:
                 raise ConnectionError("the MLflow experiment is not resolved yet")
             # Reading the trace first costs a call, so it is skipped when nothing depends on it: an
             # anonymous vote on a trace this service issued, in a first attempt.
-            user = None if item.source_id == ANONYMOUS else item.source_id
+            voter = item.voter or (None if item.source_id == ANONYMOUS else item.source_id)
             facts = (
-                trace_facts(item.trace_id, item.id, user)
-                if item.maybe_written or user is not None or not item.issued_here
+                trace_facts(item.trace_id, item.id, voter)
+                if item.maybe_written or voter is not None or not item.issued_here
                 else None
             )
             if facts is not None and not item.issued_here and facts.experiment_id != self._backend.experiment_id:
@@ -211,9 +226,9 @@ class FeedbackDelivery:
                 assessment_id = facts.written.get(index) if facts else None
                 earlier = facts.earlier_votes.get(assessment.name) if facts else None
                 if assessment_id is None and earlier is not None:  # one vote per user and name
-                    assessment_id = update_feedback(item.trace_id, earlier, assessment, item.id, index)
+                    assessment_id = update_feedback(item.trace_id, earlier, assessment, item.id, index, voter)
                 elif assessment_id is None:
-                    assessment_id = log_feedback(item.trace_id, assessment, item.source_id, item.id, index)
+                    assessment_id = log_feedback(item.trace_id, assessment, item.source_id, item.id, index, voter)
                 item.assessment_ids.append(assessment_id)
         except Exception as exc:
             return self._failed(item, exc)
@@ -229,19 +244,26 @@ class FeedbackDelivery:
             self.outbox.save(item, next_at=time.time() + min(max(age / 4, 0.25), 5.0))
         elif outcome == UNAVAILABLE:
             self.outbox.save(item, next_at=time.time() + self._server.backoff())
+        elif outcome == ITEM_ERROR:
+            pause = _ITEM_BACKOFF[min(item.attempts, len(_ITEM_BACKOFF)) - 1]
+            self.outbox.save(item, next_at=time.time() + pause)
         else:
             with self._waiters_lock:
-                answered_404 = outcome == NOT_FOUND and item.id in self._waiters  # its request says so
-            if item.state == FAILED and not answered_404:
+                answered = outcome in (NOT_FOUND, REFUSED) and item.id in self._waiters  # its request says so
+            if item.state == FAILED and not answered:
                 self.failed += 1
                 logger.warning("feedback %s for trace %s failed: %s", item.id, item.trace_id, item.last_error)
             self.outbox.save(item, next_at=time.time())
         self._report(item, outcome)
 
     def _resolve(self, client_request_id: str) -> str | None:
-        trace_id = self._recent.trace_for(client_request_id)
-        if trace_id is not None:
-            return trace_id
+        found = self._recent.lookup(client_request_id)
+        if found.ambiguous:
+            raise Refused(409, AMBIGUOUS)
+        if found.chosen_by_client:
+            raise Refused(403, CHOSEN_BY_CLIENT)
+        if found.trace_id is not None:
+            return found.trace_id
         experiment_id = self._backend.experiment_id
         if experiment_id is None:
             self._backend.start_resolving()
@@ -259,13 +281,30 @@ class FeedbackDelivery:
         item.state, item.last_error = FAILED, f"trace not found after {limit:g} s"
         return NOT_FOUND
 
+    def _item_error(self, item: Item) -> str:
+        """An error on one item while the server answers its health check: retried on its own a few times
+        (one log line each, never the server's multi-line text), then failed; the queue moves on."""
+        item.item_errors += 1
+        item.attempts -= 1  # counted as the item's error, not as one of the server's
+        logger.warning(
+            "feedback %s: the tracking server answered an error (%d of %d)",
+            item.id,
+            item.item_errors,
+            MAX_ITEM_ERRORS,
+        )
+        if item.item_errors >= MAX_ITEM_ERRORS:
+            item.state = FAILED
+            return REJECTED
+        return ITEM_ERROR
+
     def _failed(self, item: Item, exc: Exception) -> str:
         kind = classify(exc)
         if kind != UNAVAILABLE:
             self._server.answered()
         if kind == NOT_FOUND:
             return self._not_found(item)
-        item.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        # One line, bounded: the server's text may be long and multi-line, and anyone can provoke it.
+        item.last_error = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         if kind == REJECTED:
             item.state = FAILED
             return REJECTED
@@ -283,7 +322,7 @@ class FeedbackDelivery:
             freed = self.outbox.release_dead_owners()
             if freed:
                 logger.info("replaying %d feedback item(s) left by a stopped process", freed)
-            self.outbox.purge_delivered(_RETENTION_SECONDS)
+            self.outbox.purge_finished(_RETENTION_SECONDS, _FAILED_RETENTION_SECONDS)
         except Exception:
             logger.warning("could not read the feedback outbox", exc_info=True)
         while not self._stopping.is_set():
@@ -312,6 +351,8 @@ class FeedbackDelivery:
             for index, item in enumerate(items):
                 last_seq = item.seq
                 outcome = self.attempt(item)
+                if outcome == UNAVAILABLE and self._server.problem() is None:
+                    outcome = self._item_error(item)  # the server is up: the problem is this item's
                 self.settle(item, outcome)
                 if outcome == UNAVAILABLE:  # keep the order: nothing after it goes first
                     for rest in items[index + 1 :]:

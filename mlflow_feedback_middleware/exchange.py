@@ -98,7 +98,8 @@ class TracedExchange:
                 content_type = _header_value(value)
             elif name == RETURN_TRACE_HEADER:
                 self._return_trace_id = value.strip().lower() == b"true"
-        if request_id is None or not is_valid_client_request_id(request_id):
+        chosen_by_client = request_id is not None and is_valid_client_request_id(request_id)
+        if request_id is None or not chosen_by_client:
             if request_id is not None:
                 logger.debug("replacing malformed %s header value", settings.request_id_header)
             request_id = new_client_request_id()
@@ -115,7 +116,7 @@ class TracedExchange:
                 return
             assert isinstance(span, LiveSpan)
             own = continued is None or span.parent_id is None  # a refused continuation starts a trace of its own
-            self.ids = mw.adopt(span, HTTPConnection(scope), request_id, session_id, own)
+            self.ids = mw.adopt(span, HTTPConnection(scope), request_id, session_id, own, chosen_by_client)
             if traceparent is not None and continued is None:
                 link_caller(span, traceparent, mw.backend.otlp)
             state = scope.setdefault("state", {})

@@ -24,11 +24,11 @@ from starlette.types import Receive, Scope, Send
 from .config import Settings
 from .delivery import WAITING, FeedbackDelivery
 from .feedback_models import FeedbackRequest, limit_violations, to_assessments
-from .feedback_writer import NOT_FOUND, REJECTED
+from .feedback_writer import AMBIGUOUS, CHOSEN_BY_CLIENT, NOT_FOUND, REFUSED, REJECTED
 from .identity import ANONYMOUS
 from .ids import clean_principal_id
 from .limits import RateLimiter
-from .outbox import DELIVERED, Item
+from .outbox import DELIVERED, Item, OutboxFull
 from .registry import RecentTraces
 from .report import GROUPINGS, build_report, parse_time, search_requests
 from .routing import route_path
@@ -105,6 +105,9 @@ class FeedbackRoutes:
         self._schema = settings.feedback_schema
         self._token_header = settings.feedback_token_header
         self._limiter = RateLimiter(settings.rate_limit) if settings.rate_limit is not None else None
+        # Reads (status, health, schema, summary) get their own bucket of the same size: a client polling
+        # its vote's status never uses up its votes.
+        self._read_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit is not None else None
 
     def handles(self, path: str) -> bool:
         """Whether `path` belongs to the feedback routes."""
@@ -114,6 +117,14 @@ class FeedbackRoutes:
         request = Request(scope, receive)
         path = route_path(scope)
         response: Response
+        if self._read_limiter is not None and request.method == "GET" and path != self._prefix + "client.js":
+            wait = self._read_limiter.take(request)
+            if wait > 0:  # token guesses on /summary, status polling floods
+                retry = str(math.ceil(wait))
+                await _error(429, f"too many requests; retry in {retry} s", headers={"Retry-After": retry})(
+                    scope, receive, send
+                )
+                return
         if path == self._path and request.method == "POST":
             try:
                 response = await self._post(request)
@@ -171,7 +182,7 @@ class FeedbackRoutes:
     async def _health(self) -> JSONResponse:
         """Backend reachability and outbox figures; 503 while feedback cannot reach MLflow."""
         status = await asyncio.to_thread(self._delivery.status)
-        oldest = status["outbox"]["oldest_pending_seconds"]
+        oldest = status["outbox"]["oldest_queued_seconds"]
         healthy = (
             status["experiment_id"] is not None
             and status["reachable"]
@@ -241,10 +252,19 @@ class FeedbackRoutes:
             return _error(503, "MLflow tracing is disabled in this service, so no feedback can be stored")
         if trace_id is None:
             assert feedback.client_request_id is not None
-            trace_id = self._recent.trace_for(feedback.client_request_id)
+            found = self._recent.lookup(feedback.client_request_id)
+            if found.ambiguous:
+                raise _BadRequest(409, AMBIGUOUS, "client_request_id")
+            if found.chosen_by_client:
+                raise _BadRequest(403, CHOSEN_BY_CLIENT, "client_request_id")
+            trace_id = found.trace_id
         issued_here = trace_id is not None and trace_id in self._recent
         crid = feedback.client_request_id
         item = Item(self._delivery.destination, trace_id, crid, user or ANONYMOUS, assessments, issued_here)
+        if user is None and grant is not None:
+            # One vote per anonymous token and name: its holder changes their vote, never adds another.
+            key = f"{grant.trace_id}\n{grant.client_request_id}".encode()
+            item.voter = "token:" + hashlib.sha256(key).hexdigest()[:24]
         if idempotency_key is not None:
             # The same key from the same user always names the same item, in any process sharing the
             # outbox, and the same assessments in MLflow (their metadata carries the item ID).
@@ -296,6 +316,11 @@ class FeedbackRoutes:
         try:
             try:
                 earlier = await asyncio.to_thread(self._delivery.accept, item)
+            except OutboxFull as exc:
+                logger.warning("feedback refused: %s (the tracking server may be down)", exc)
+                return _error(
+                    503, "too much feedback is waiting for delivery; try again later", headers={"Retry-After": "60"}
+                )
             except Exception:
                 logger.error("could not store feedback in the outbox at %s", self._delivery.outbox.path, exc_info=True)
                 return _error(503, "the feedback store is unavailable; try again later")
@@ -310,12 +335,18 @@ class FeedbackRoutes:
             self._delivery.forget(item.id)
         if outcome == DELIVERED:
             return JSONResponse(_success(item))
-        if outcome in (NOT_FOUND, REJECTED) and not item.assessment_ids:
+        if outcome in (NOT_FOUND, REJECTED, REFUSED) and not item.assessment_ids:
             await asyncio.to_thread(self._delivery.outbox.remove, item.id)  # refused, so never accepted
             if outcome == NOT_FOUND:
                 what = f"trace {item.trace_id!r}" if item.trace_id else f"client_request_id {item.client_request_id!r}"
                 return _error(404, f"{what} not found")
-            return _error(422, f"MLflow rejected the feedback: {item.last_error}")
+            if outcome == REFUSED and item.refusal is not None:
+                status, message = item.refusal
+                return _error(status, message, [{"field": "client_request_id", "message": message}])
+            # The tracking server's own text stays in the log: it can name internals an anonymous caller
+            # has no business reading.
+            logger.info("feedback %s refused by the tracking server: %s", item.id, item.last_error)
+            return _error(422, "the tracking server refused this feedback")
         return _accepted(item, public_path)
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
@@ -333,6 +364,11 @@ class FeedbackRoutes:
         raw = b"".join(chunks)
         if not raw.strip():
             return {}
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            # A cross-site form or text/plain body needs no CORS preflight; a JSON one does, which is what
+            # keeps another site from voting with a signed-in user's cookies.
+            raise _BadRequest(415, "send the feedback as Content-Type: application/json", "Content-Type")
         try:
             data = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:

@@ -10,6 +10,7 @@ rather than joined by a second one, and tells which experiment the trace belongs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlflow
 from mlflow.entities import AssessmentSource, Feedback
@@ -17,39 +18,74 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracing.client import TracingClient
 
 from .feedback_models import Assessment
-from .tracing import CLIENT_REQUEST_ID_TAG
+from .tracing import CLIENT_REQUEST_ID_TAG, REQUEST_ID_SOURCE_TAG
 
 FEEDBACK_ID_KEY = "mlflow_feedback.feedback_id"
-NOT_FOUND, REJECTED, UNAVAILABLE = "not_found", "rejected", "unavailable"
+VOTER_KEY = "mlflow_feedback.voter"  # who a vote counts for: a user, or one anonymous token's holder
+NOT_FOUND, REJECTED, UNAVAILABLE, REFUSED = "not_found", "rejected", "unavailable", "refused"
+
+
+CHOSEN_BY_CLIENT = (
+    "this client_request_id was chosen by the client, so it cannot say whose answer the feedback is for;"
+    " send the trace_id (or the feedback token) instead"
+)
+AMBIGUOUS = "client_request_id names more than one request; send the trace_id instead"
+
+
+class Refused(Exception):
+    """The feedback names its request in a way that cannot be trusted: answered `status` (403, 409)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 def classify(exc: BaseException) -> str:
-    """What a failed MLflow call means for the feedback: wait for the trace, give up, or retry later."""
+    """What a failed MLflow call means for the feedback: wait for the trace, give up, or retry later.
+
+    The server's own answer decides: "does not exist" is NOT_FOUND, any other 4xx a refusal of this item
+    (REJECTED); a 5xx or no answer at all is UNAVAILABLE (delivery then asks the server's health whether
+    the problem is the server's or the item's).
+    """
     if isinstance(exc, MlflowException):
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return NOT_FOUND
-        if exc.error_code == "INVALID_PARAMETER_VALUE":
+        try:
+            status = int(exc.get_http_status_code())  # type: ignore[no-untyped-call]
+        except (TypeError, ValueError):
+            status = 500
+        if 400 <= status < 500:
             return REJECTED
     return UNAVAILABLE
 
 
-def log_feedback(trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int) -> str | None:
+def _metadata(assessment: Assessment, feedback_id: str, index: int, voter: str | None) -> dict[str, str]:
+    metadata: dict[str, Any] = {**(assessment.metadata or {}), FEEDBACK_ID_KEY: f"{feedback_id}/{index}"}
+    if voter is not None:
+        metadata[VOTER_KEY] = voter
+    return metadata
+
+
+def log_feedback(
+    trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int, voter: str | None = None
+) -> str | None:
     """Write assessment number `index` of outbox item `feedback_id`; the ID MLflow gave it."""
     feedback = mlflow.log_feedback(
         trace_id=trace_id,
         name=assessment.name,
         value=assessment.value,
         rationale=assessment.rationale,
-        metadata={**(assessment.metadata or {}), FEEDBACK_ID_KEY: f"{feedback_id}/{index}"},
+        metadata=_metadata(assessment, feedback_id, index, voter),
         source=AssessmentSource(source_type="HUMAN", source_id=source_id),
     )
     return feedback.assessment_id
 
 
 def update_feedback(
-    trace_id: str, assessment_id: str, assessment: Assessment, feedback_id: str, index: int
+    trace_id: str, assessment_id: str, assessment: Assessment, feedback_id: str, index: int, voter: str | None = None
 ) -> str | None:
-    """Replace the value (and the rationale, when one is given) of an earlier vote by the same user."""
+    """Replace the value (and the rationale, when one is given) of an earlier vote by the same voter."""
     updated = mlflow.update_assessment(
         trace_id=trace_id,
         assessment_id=assessment_id,
@@ -57,7 +93,7 @@ def update_feedback(
             name=assessment.name,
             value=assessment.value,
             rationale=assessment.rationale,
-            metadata={**(assessment.metadata or {}), FEEDBACK_ID_KEY: f"{feedback_id}/{index}"},
+            metadata=_metadata(assessment, feedback_id, index, voter),
         ),
     )
     return updated.assessment_id
@@ -72,9 +108,10 @@ class TraceFacts:
     earlier_votes: dict[str, str] = field(default_factory=dict)  # name -> the user's valid assessment ID
 
 
-def trace_facts(trace_id: str, feedback_id: str, source_id: str | None) -> TraceFacts:
+def trace_facts(trace_id: str, feedback_id: str, voter: str | None) -> TraceFacts:
     """The trace's experiment, the assessments item `feedback_id` already wrote on it, and the earlier
-    HUMAN feedback of `source_id` (None: anonymous, whose votes are never merged) by name."""
+    valid HUMAN feedback of `voter` by name: a user (their source ID, or the voter key), or the holder of
+    one anonymous token (the voter key). None: anonymous without a token, whose votes are never merged."""
     info = TracingClient().get_trace_info(trace_id)
     facts = TraceFacts(info.experiment_id)
     for assessment in info.assessments or ():
@@ -82,27 +119,34 @@ def trace_facts(trace_id: str, feedback_id: str, source_id: str | None) -> Trace
         if item == feedback_id and index.isascii() and index.isdigit():
             facts.written[int(index)] = assessment.assessment_id
         elif (
-            source_id is not None
+            voter is not None
             and assessment.assessment_id is not None
             and assessment.feedback is not None
             and assessment.valid is not False
             and assessment.source.source_type == "HUMAN"
-            and assessment.source.source_id == source_id
+            and voter in (assessment.source.source_id, (assessment.metadata or {}).get(VOTER_KEY))
         ):
             facts.earlier_votes[assessment.name] = assessment.assessment_id
     return facts
 
 
 def search_trace_id(experiment_id: str, client_request_id: str, by_tag: bool) -> str | None:
-    """The trace with that client request ID in the experiment, if the store has it."""
+    """The trace with that client request ID in the experiment, if the store has it.
+
+    Raises `Refused` when the ID names two requests (409), or when the client chose it (403): a request
+    ID the client picked may be known to anyone it told, so it never says whose answer a vote is for."""
     # The ID's charset (checked before we get here) has no quotes, so it is safe inside the filter.
     # OTLP ingestion leaves MLflow's client_request_id column empty; the middleware tags it instead.
     column = f"tags.`{CLIENT_REQUEST_ID_TAG}`" if by_tag else "trace.client_request_id"
     traces = mlflow.search_traces(
         locations=[experiment_id],
         filter_string=f"{column} = '{client_request_id}'",
-        max_results=1,
+        max_results=2,
         return_type="list",
         include_spans=False,
     )
+    if len(traces) > 1:
+        raise Refused(409, AMBIGUOUS)
+    if traces and traces[0].info.tags.get(REQUEST_ID_SOURCE_TAG) == "client":
+        raise Refused(403, CHOSEN_BY_CLIENT)
     return traces[0].info.trace_id if traces else None

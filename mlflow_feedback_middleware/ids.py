@@ -19,9 +19,11 @@ _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=@/~-]{0,49}")
 PRINCIPAL_ID_MAX_LENGTH = 250
 _PRINCIPAL_ID = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,248}[\x21-\x7e])?")
 
-# MLflow 3 trace IDs are "tr-" + 32 hex digits; Databricks and other locations use longer forms, so accept
-# a conservative superset and let the backend decide whether the trace exists.
-_TRACE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{2,127}")
+# Only the forms MLflow issues, since trace IDs go into the tracking server's URL paths: "tr-" + 32 hex
+# digits (MLflow 3 experiments), 32 hex digits (MLflow 2 request IDs), and "trace:/<catalog>.<schema>/"
+# + 32 hex digits (Unity Catalog locations). No other shape reaches the server: no "/..", no odd IDs that
+# make it answer errors.
+_TRACE_ID = re.compile(r"(?:tr-)?[0-9a-f]{32}|trace:/[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*/[0-9a-f]{32}")
 
 
 def is_valid_client_request_id(value: str) -> bool:

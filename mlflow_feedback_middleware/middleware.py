@@ -147,7 +147,13 @@ class MlflowFeedbackMiddleware:
         self._routes_mounted: bool | None = None if self.feedback is not None else False
 
     def adopt(
-        self, span: LiveSpan, conn: HTTPConnection, request_id: str, session_id: str | None, own: bool = True
+        self,
+        span: LiveSpan,
+        conn: HTTPConnection,
+        request_id: str,
+        session_id: str | None,
+        own: bool = True,
+        chosen_by_client: bool = False,
     ) -> RequestIds:
         """Make a fresh root span a traced exchange (an HTTP request or a WebSocket turn): its end user,
         feedback token and IDs recorded on the trace, and the trace remembered as issued here.
@@ -156,8 +162,8 @@ class MlflowFeedbackMiddleware:
         checked against the tracking server, as for any trace this service did not start."""
         user_id = self.settings.user_of(conn)
         token = self.tokens.issue(span.trace_id, request_id, user_id) if self.tokens else None
-        annotate_trace(span, request_id, user_id, session_id, self.backend.otlp)
-        self.recent.add(span.trace_id, request_id, own)
+        annotate_trace(span, request_id, user_id, session_id, self.backend.otlp, chosen_by_client)
+        self.recent.add(span.trace_id, request_id, own, chosen_by_client)
         return RequestIds(span.trace_id, request_id, token)
 
     def status(self) -> dict[str, Any]:

@@ -46,10 +46,21 @@ CREATE TABLE IF NOT EXISTS feedback_outbox (
     owner TEXT,
     lease_until REAL,
     last_error TEXT,
-    finished_at REAL
+    finished_at REAL,
+    item_errors INTEGER NOT NULL DEFAULT 0,
+    voter TEXT
 );
 CREATE INDEX IF NOT EXISTS feedback_outbox_due ON feedback_outbox (destination, state, seq);
 """
+# Columns added since the first release, for outbox files an earlier version created.
+_ADDED_COLUMNS = {"item_errors": "INTEGER NOT NULL DEFAULT 0", "voter": "TEXT"}
+# Pending items one service may hold: past it, feedback is refused (503) rather than filling the disk with
+# votes for made-up IDs during an outage.
+MAX_PENDING = 10_000
+
+
+class OutboxFull(Exception):
+    """The service already holds `MAX_PENDING` undelivered items."""
 
 
 @dataclass
@@ -67,10 +78,13 @@ class Item:
     assessment_ids: list[str | None] = field(default_factory=list)
     state: str = PENDING
     attempts: int = 0
+    item_errors: int = 0  # errors the server answered for this item while it was otherwise healthy
     maybe_written: bool = False  # a write was started whose outcome is unknown (crash, timeout)
     created_at: float = field(default_factory=time.time)
     not_found_since: float | None = None
     last_error: str | None = None
+    refusal: tuple[int, str] | None = None  # why the item names no trustworthy request (not stored)
+    voter: str | None = None  # whose vote this is, for one vote per voter and name (see feedback_writer)
 
     def to_public(self) -> dict[str, Any]:
         """What the status route shows of the item."""
@@ -81,8 +95,17 @@ class Item:
             "client_request_id": self.client_request_id,
             "assessment_ids": self.assessment_ids,
             "attempts": self.attempts,
-            "error": self.last_error,
+            "error": public_error(self.state, self.last_error),
         }
+
+
+def public_error(state: str, error: str | None) -> str | None:
+    """What an anonymous caller may learn of an item's error: its kind, never the tracking server's text."""
+    if error is None:
+        return None
+    if error.startswith("trace not found"):
+        return error  # our own words ("trace not found after 15 s", "... in this service's experiment")
+    return "the tracking server refused this feedback" if state == FAILED else "waiting for the tracking server"
 
 
 def _owner_id() -> str:
@@ -106,7 +129,9 @@ class Outbox:
         self.owner = _owner_id()
         self.path = str(path) if path is not None else None
         if self.path is not None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # Comments and user IDs are nobody else's to read: the folder and files are the owner's only.
+            Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         # One connection, serialised by a lock: sqlite's own locking then orders us against other processes.
         self._conn = sqlite3.connect(
             self.path or ":memory:", timeout=10.0, isolation_level=None, check_same_thread=False
@@ -118,6 +143,10 @@ class Outbox:
             self._conn.execute("PRAGMA synchronous=FULL")  # an accepted vote survives a crash or power cut
         with self._lock:
             self._conn.executescript(_SCHEMA)
+            present = {row["name"] for row in self._conn.execute("PRAGMA table_info(feedback_outbox)")}
+            for column, definition in _ADDED_COLUMNS.items():
+                if column not in present:
+                    self._conn.execute(f"ALTER TABLE feedback_outbox ADD COLUMN {column} {definition}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -145,9 +174,14 @@ class Outbox:
             earlier = db.execute("SELECT * FROM feedback_outbox WHERE id=?", (item.id,)).fetchone()
             if earlier is not None:
                 return _item(earlier)
+            pending = db.execute(
+                "SELECT COUNT(*) FROM feedback_outbox WHERE destination=? AND state='pending'", (item.destination,)
+            ).fetchone()[0]
+            if pending >= MAX_PENDING:
+                raise OutboxFull(f"{pending} feedback items are waiting for delivery")
             db.execute(
                 "INSERT INTO feedback_outbox (id, destination, trace_id, client_request_id, source_id, assessments,"
-                " issued_here, created_at, next_at, owner, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " issued_here, created_at, next_at, owner, lease_until, voter) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     item.id,
                     item.destination,
@@ -160,6 +194,7 @@ class Outbox:
                     now,
                     self.owner,
                     now + lease_seconds,
+                    item.voter,
                 ),
             )
         return None
@@ -174,8 +209,8 @@ class Outbox:
         finished = time.time() if item.state != PENDING else None
         with self._tx() as db:
             db.execute(
-                "UPDATE feedback_outbox SET trace_id=?, assessment_ids=?, state=?, attempts=?, maybe_written=?,"
-                " not_found_since=?, last_error=?, finished_at=?, next_at=COALESCE(?, next_at),"
+                "UPDATE feedback_outbox SET trace_id=?, assessment_ids=?, state=?, attempts=?, item_errors=?,"
+                " maybe_written=?, not_found_since=?, last_error=?, finished_at=?, next_at=COALESCE(?, next_at),"
                 " owner=CASE WHEN ? IS NULL THEN owner ELSE NULL END,"
                 " lease_until=CASE WHEN ? IS NULL THEN lease_until ELSE NULL END WHERE id=?",
                 (
@@ -183,6 +218,7 @@ class Outbox:
                     json.dumps(item.assessment_ids),
                     item.state,
                     item.attempts,
+                    item.item_errors,
                     int(item.maybe_written),
                     item.not_found_since,
                     item.last_error,
@@ -271,22 +307,32 @@ class Outbox:
                     "SELECT state, COUNT(*) FROM feedback_outbox WHERE destination=? GROUP BY state", (destination,)
                 ).fetchall()
             )
-            oldest = db.execute(
-                "SELECT MIN(created_at) FROM feedback_outbox WHERE destination=? AND state='pending'", (destination,)
-            ).fetchone()[0]
+            oldest, oldest_clean, retrying = db.execute(
+                "SELECT MIN(created_at), MIN(CASE WHEN item_errors=0 THEN created_at END), SUM(item_errors>0)"
+                " FROM feedback_outbox WHERE destination=? AND state='pending'",
+                (destination,),
+            ).fetchone()
+        now = time.time()
         return {
             "pending": counts.get(PENDING, 0),
-            "oldest_pending_seconds": round(time.time() - oldest, 3) if oldest is not None else None,
+            "oldest_pending_seconds": round(now - oldest, 3) if oldest is not None else None,
+            # What health judges the backlog by: items the server erred on (hostile IDs, say) say nothing
+            # about the backend, and are counted apart.
+            "oldest_queued_seconds": round(now - oldest_clean, 3) if oldest_clean is not None else None,
+            "retrying_item_errors": retrying or 0,
             "delivered": counts.get(DELIVERED, 0),
             "failed": counts.get(FAILED, 0),
         }
 
-    def purge_delivered(self, older_than_seconds: float) -> int:
-        """Delete delivered rows older than the retention; failed rows stay for an operator to inspect."""
+    def purge_finished(self, delivered_seconds: float, failed_seconds: float) -> int:
+        """Delete delivered rows older than `delivered_seconds`, and failed ones (kept longer for an operator
+        to inspect) older than `failed_seconds`."""
+        now = time.time()
         with self._tx() as db:
             return db.execute(
-                "DELETE FROM feedback_outbox WHERE state='delivered' AND finished_at<?",
-                (time.time() - older_than_seconds,),
+                "DELETE FROM feedback_outbox WHERE (state='delivered' AND finished_at<?)"
+                " OR (state='failed' AND finished_at<?)",
+                (now - delivered_seconds, now - failed_seconds),
             ).rowcount
 
 
@@ -307,6 +353,8 @@ def _item(row: sqlite3.Row) -> Item:
         assessment_ids=json.loads(row["assessment_ids"]),
         state=row["state"],
         attempts=row["attempts"],
+        item_errors=row["item_errors"],
+        voter=row["voter"],
         maybe_written=bool(row["maybe_written"]),
         created_at=row["created_at"],
         not_found_since=row["not_found_since"],

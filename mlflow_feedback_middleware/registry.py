@@ -9,6 +9,16 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLookup:
+    """What this process knows of a client request ID."""
+
+    trace_id: str | None  # None when unknown here, or when it named more than one request
+    ambiguous: bool = False  # issued for two or more requests: it names none of them
+    chosen_by_client: bool = False  # the client sent it (X-Request-ID): anyone may know it
 
 
 class RecentTraces:
@@ -19,28 +29,37 @@ class RecentTraces:
     def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
         self._by_request_id: OrderedDict[str, str] = OrderedDict()
-        self._trace_ids: set[str] = set()
+        self._ambiguous: OrderedDict[str, None] = OrderedDict()
+        self._chosen_by_client: set[str] = set()
+        self._trace_ids: OrderedDict[str, None] = OrderedDict()
         self._open: set[str] = set()  # root spans not ended yet (streams still running)
         self.issued = 0  # trace IDs handed out since start-up
         self._lock = threading.Lock()
 
-    def add(self, trace_id: str, client_request_id: str, own: bool = True) -> None:
+    def add(self, trace_id: str, client_request_id: str, own: bool = True, chosen_by_client: bool = False) -> None:
         """Remember that this process issued `trace_id` for `client_request_id`; it is open until `ended`.
 
         A trace this service did not start (a caller's, continued) is found by its client request ID but
-        never counts as issued here."""
+        never counts as issued here. A client request ID seen for a second request names neither."""
         with self._lock:
             self.issued += 1
             self._open.add(trace_id)
-            old = self._by_request_id.pop(client_request_id, None)
-            if old is not None:
-                self._trace_ids.discard(old)
-            self._by_request_id[client_request_id] = trace_id
             if own:
-                self._trace_ids.add(trace_id)
+                self._trace_ids[trace_id] = None
+                while len(self._trace_ids) > self._capacity:
+                    self._trace_ids.popitem(last=False)
+            if client_request_id in self._by_request_id or client_request_id in self._ambiguous:
+                self._by_request_id.pop(client_request_id, None)
+                self._ambiguous[client_request_id] = None
+                while len(self._ambiguous) > self._capacity:
+                    self._ambiguous.popitem(last=False)
+                return
+            self._by_request_id[client_request_id] = trace_id
+            if chosen_by_client:
+                self._chosen_by_client.add(client_request_id)
             while len(self._by_request_id) > self._capacity:
-                _, evicted = self._by_request_id.popitem(last=False)
-                self._trace_ids.discard(evicted)
+                evicted_id, _ = self._by_request_id.popitem(last=False)
+                self._chosen_by_client.discard(evicted_id)
 
     def ended(self, trace_id: str) -> None:
         """The root span of `trace_id` has ended: MLflow may export it from now on."""
@@ -53,9 +72,19 @@ class RecentTraces:
             return trace_id in self._open
 
     def trace_for(self, client_request_id: str) -> str | None:
-        """The trace issued for `client_request_id`, if this process issued it recently."""
+        """The trace issued for `client_request_id`, if this process issued it recently (and only once)."""
         with self._lock:
             return self._by_request_id.get(client_request_id)
+
+    def lookup(self, client_request_id: str) -> RequestLookup:
+        """Everything this process knows of `client_request_id`."""
+        with self._lock:
+            if client_request_id in self._ambiguous:
+                return RequestLookup(None, ambiguous=True)
+            return RequestLookup(
+                self._by_request_id.get(client_request_id),
+                chosen_by_client=client_request_id in self._chosen_by_client,
+            )
 
     def __contains__(self, trace_id: object) -> bool:
         with self._lock:

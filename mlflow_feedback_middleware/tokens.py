@@ -49,7 +49,12 @@ def _b64(raw: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Decode unpadded base64url strictly: only the one encoding `_b64` gives is accepted (no padding, no
+    stray bits), so a token has exactly one spelling and a signature cannot be altered and still pass."""
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(raw) != text:
+        raise ValueError("not the canonical encoding")
+    return raw
 
 
 def as_secret_list(secret: str | bytes | Sequence[str | bytes]) -> list[bytes]:
@@ -79,6 +84,8 @@ class FeedbackTokens:
 
     def verify(self, token: str, now: float | None = None) -> FeedbackGrant:
         """The grant a token carries; TokenError (401) if it is malformed, not ours, or expired."""
+        if not token.isascii():  # before any encoding: a lone surrogate must be a 401, not a crash
+            raise TokenError(401, "the feedback token is malformed")
         version, _, rest = token.partition(".")
         payload_b64, _, signature_b64 = rest.partition(".")
         if version != _VERSION or not payload_b64 or not signature_b64 or len(token) > 2048:

@@ -262,18 +262,31 @@ def hoist_trace_tags(span: LiveSpan) -> None:
         logger.debug("could not move trace tags onto the root span", exc_info=True)
 
 
+REQUEST_ID_SOURCE_TAG = "mlflow_feedback.request_id_source"
+
+
 def annotate_trace(
-    span: LiveSpan, client_request_id: str, user_id: str | None, session_id: str | None, otlp: bool
+    span: LiveSpan,
+    client_request_id: str,
+    user_id: str | None,
+    session_id: str | None,
+    otlp: bool,
+    chosen_by_client: bool = False,
 ) -> None:
     """Record the request's IDs on its trace.
 
     With OTLP export the server never sees MLflow's in-memory trace info, so they go on the root span,
     where its ingestion reads them; the client request ID becomes a tag (its column stays empty).
     """
+    # A client request ID the client chose is known to whoever the client told: it names the request but
+    # never authorizes feedback on it (see the feedback routes); other workers read this tag to know.
+    tags = {REQUEST_ID_SOURCE_TAG: "client"} if chosen_by_client else None
     try:
-        mlflow.update_current_trace(client_request_id=client_request_id, user=user_id, session_id=session_id)
+        mlflow.update_current_trace(
+            client_request_id=client_request_id, user=user_id, session_id=session_id, tags=None if otlp else tags
+        )
         if otlp:
-            set_trace_tags(span, {CLIENT_REQUEST_ID_TAG: client_request_id}, otlp)
+            set_trace_tags(span, {CLIENT_REQUEST_ID_TAG: client_request_id, **(tags or {})}, otlp)
             if user_id:
                 span.set_attribute("user.id", user_id)
             if session_id:

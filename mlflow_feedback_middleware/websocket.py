@@ -38,14 +38,15 @@ STATE_KEY = "mlflow_feedback_middleware"  # where the middleware leaves itself i
 class Turn:
     """One traced turn: its IDs (None when it is not traced) and its root span's inputs and outputs."""
 
-    def __init__(self, ids: RequestIds | None, span: LiveSpan | None) -> None:
+    def __init__(self, ids: RequestIds | None, span: LiveSpan | None, redact: Any = None) -> None:
         self.ids = ids
         self.span = span
+        self._redact = redact
 
     def set_outputs(self, outputs: Any) -> None:
-        """Record the turn's answer on its trace."""
+        """Record the turn's answer on its trace (with `redact_fields` redacted, as HTTP outputs are)."""
         if self.span is not None:
-            self.span.set_outputs(outputs)
+            self.span.set_outputs(self._redact(outputs) if self._redact else outputs)
 
 
 @asynccontextmanager
@@ -78,7 +79,7 @@ async def traced_turn(
             span.set_attribute("websocket.path", path)
             reset = current_ids.set(ids)
             try:
-                yield Turn(ids, span)
+                yield Turn(ids, span, mw.settings.redact)
             finally:
                 current_ids.reset(reset)
                 if mw.backend.otlp:

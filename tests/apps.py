@@ -75,6 +75,11 @@ def build_app(**middleware_kwargs: Any) -> FastAPI:
     async def echo(request: Request) -> dict[str, Any]:
         return {"received": await request.json()}
 
+    @app.post("/sink")
+    async def sink(request: Request) -> dict[str, int]:
+        """Takes any body, of any type, without parsing it."""
+        return {"received_bytes": len(await request.body())}
+
     @app.get("/items/{item_id}")
     async def item(item_id: int) -> dict[str, int]:
         return {"item_id": item_id}
