@@ -38,7 +38,6 @@ from .feedback_writer import (
     trace_facts,
     update_feedback,
 )
-from .identity import ANONYMOUS
 from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
 from .registry import RecentTraces
 from .server_watch import ServerWatch
@@ -208,14 +207,9 @@ class FeedbackDelivery:
             if not item.issued_here and self._backend.experiment_id is None:
                 self._backend.start_resolving()
                 raise ConnectionError("the MLflow experiment is not resolved yet")
-            # Reading the trace first costs a call, so it is skipped when nothing depends on it: an
-            # anonymous vote on a trace this service issued, in a first attempt.
-            voter = item.voter or (None if item.source_id == ANONYMOUS else item.source_id)
-            facts = (
-                trace_facts(item.trace_id, item.id, voter)
-                if item.maybe_written or voter is not None or not item.issued_here
-                else None
-            )
+            # One vote per voter and name on a trace: a user, or for anonymous votes the one person the answer
+            # was given to (a trace is one request's answer), so a vote changes and is never stuffed.
+            facts = trace_facts(item.trace_id, item.id, item.source_id)
             if facts is not None and not item.issued_here and facts.experiment_id != self._backend.experiment_id:
                 # Another service's trace on the same server: refused exactly as a made-up ID is.
                 item.state, item.last_error = FAILED, "trace not found in this service's experiment"
@@ -226,9 +220,9 @@ class FeedbackDelivery:
                 assessment_id = facts.written.get(index) if facts else None
                 earlier = facts.earlier_votes.get(assessment.name) if facts else None
                 if assessment_id is None and earlier is not None:  # one vote per user and name
-                    assessment_id = update_feedback(item.trace_id, earlier, assessment, item.id, index, voter)
+                    assessment_id = update_feedback(item.trace_id, earlier, assessment, item.id, index)
                 elif assessment_id is None:
-                    assessment_id = log_feedback(item.trace_id, assessment, item.source_id, item.id, index, voter)
+                    assessment_id = log_feedback(item.trace_id, assessment, item.source_id, item.id, index)
                 item.assessment_ids.append(assessment_id)
         except Exception as exc:
             return self._failed(item, exc)

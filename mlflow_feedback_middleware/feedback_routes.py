@@ -261,10 +261,6 @@ class FeedbackRoutes:
         issued_here = trace_id is not None and trace_id in self._recent
         crid = feedback.client_request_id
         item = Item(self._delivery.destination, trace_id, crid, user or ANONYMOUS, assessments, issued_here)
-        if user is None and grant is not None:
-            # One vote per anonymous token and name: its holder changes their vote, never adds another.
-            key = f"{grant.trace_id}\n{grant.client_request_id}".encode()
-            item.voter = "token:" + hashlib.sha256(key).hexdigest()[:24]
         if idempotency_key is not None:
             # The same key from the same user always names the same item, in any process sharing the
             # outbox, and the same assessments in MLflow (their metadata carries the item ID).

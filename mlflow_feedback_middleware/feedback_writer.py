@@ -21,7 +21,6 @@ from .feedback_models import Assessment
 from .tracing import CLIENT_REQUEST_ID_TAG, REQUEST_ID_SOURCE_TAG
 
 FEEDBACK_ID_KEY = "mlflow_feedback.feedback_id"
-VOTER_KEY = "mlflow_feedback.voter"  # who a vote counts for: a user, or one anonymous token's holder
 NOT_FOUND, REJECTED, UNAVAILABLE, REFUSED = "not_found", "rejected", "unavailable", "refused"
 
 
@@ -60,30 +59,25 @@ def classify(exc: BaseException) -> str:
     return UNAVAILABLE
 
 
-def _metadata(assessment: Assessment, feedback_id: str, index: int, voter: str | None) -> dict[str, str]:
-    metadata: dict[str, Any] = {**(assessment.metadata or {}), FEEDBACK_ID_KEY: f"{feedback_id}/{index}"}
-    if voter is not None:
-        metadata[VOTER_KEY] = voter
-    return metadata
+def _metadata(assessment: Assessment, feedback_id: str, index: int) -> dict[str, Any]:
+    return {**(assessment.metadata or {}), FEEDBACK_ID_KEY: f"{feedback_id}/{index}"}
 
 
-def log_feedback(
-    trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int, voter: str | None = None
-) -> str | None:
+def log_feedback(trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int) -> str | None:
     """Write assessment number `index` of outbox item `feedback_id`; the ID MLflow gave it."""
     feedback = mlflow.log_feedback(
         trace_id=trace_id,
         name=assessment.name,
         value=assessment.value,
         rationale=assessment.rationale,
-        metadata=_metadata(assessment, feedback_id, index, voter),
+        metadata=_metadata(assessment, feedback_id, index),
         source=AssessmentSource(source_type="HUMAN", source_id=source_id),
     )
     return feedback.assessment_id
 
 
 def update_feedback(
-    trace_id: str, assessment_id: str, assessment: Assessment, feedback_id: str, index: int, voter: str | None = None
+    trace_id: str, assessment_id: str, assessment: Assessment, feedback_id: str, index: int
 ) -> str | None:
     """Replace the value (and the rationale, when one is given) of an earlier vote by the same voter."""
     updated = mlflow.update_assessment(
@@ -93,7 +87,7 @@ def update_feedback(
             name=assessment.name,
             value=assessment.value,
             rationale=assessment.rationale,
-            metadata=_metadata(assessment, feedback_id, index, voter),
+            metadata=_metadata(assessment, feedback_id, index),
         ),
     )
     return updated.assessment_id
@@ -108,10 +102,9 @@ class TraceFacts:
     earlier_votes: dict[str, str] = field(default_factory=dict)  # name -> the user's valid assessment ID
 
 
-def trace_facts(trace_id: str, feedback_id: str, voter: str | None) -> TraceFacts:
+def trace_facts(trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
     """The trace's experiment, the assessments item `feedback_id` already wrote on it, and the earlier
-    valid HUMAN feedback of `voter` by name: a user (their source ID, or the voter key), or the holder of
-    one anonymous token (the voter key). None: anonymous without a token, whose votes are never merged."""
+    valid HUMAN feedback of `source_id` by name (``anonymous`` included: one anonymous voter per answer)."""
     info = TracingClient().get_trace_info(trace_id)
     facts = TraceFacts(info.experiment_id)
     for assessment in info.assessments or ():
@@ -119,12 +112,11 @@ def trace_facts(trace_id: str, feedback_id: str, voter: str | None) -> TraceFact
         if item == feedback_id and index.isascii() and index.isdigit():
             facts.written[int(index)] = assessment.assessment_id
         elif (
-            voter is not None
-            and assessment.assessment_id is not None
+            assessment.assessment_id is not None
             and assessment.feedback is not None
             and assessment.valid is not False
             and assessment.source.source_type == "HUMAN"
-            and voter in (assessment.source.source_id, (assessment.metadata or {}).get(VOTER_KEY))
+            and assessment.source.source_id == source_id
         ):
             facts.earlier_votes[assessment.name] = assessment.assessment_id
     return facts

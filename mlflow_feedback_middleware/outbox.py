@@ -47,13 +47,12 @@ CREATE TABLE IF NOT EXISTS feedback_outbox (
     lease_until REAL,
     last_error TEXT,
     finished_at REAL,
-    item_errors INTEGER NOT NULL DEFAULT 0,
-    voter TEXT
+    item_errors INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS feedback_outbox_due ON feedback_outbox (destination, state, seq);
 """
 # Columns added since the first release, for outbox files an earlier version created.
-_ADDED_COLUMNS = {"item_errors": "INTEGER NOT NULL DEFAULT 0", "voter": "TEXT"}
+_ADDED_COLUMNS = {"item_errors": "INTEGER NOT NULL DEFAULT 0"}
 # Pending items one service may hold: past it, feedback is refused (503) rather than filling the disk with
 # votes for made-up IDs during an outage.
 MAX_PENDING = 10_000
@@ -84,7 +83,6 @@ class Item:
     not_found_since: float | None = None
     last_error: str | None = None
     refusal: tuple[int, str] | None = None  # why the item names no trustworthy request (not stored)
-    voter: str | None = None  # whose vote this is, for one vote per voter and name (see feedback_writer)
 
     def to_public(self) -> dict[str, Any]:
         """What the status route shows of the item."""
@@ -181,7 +179,7 @@ class Outbox:
                 raise OutboxFull(f"{pending} feedback items are waiting for delivery")
             db.execute(
                 "INSERT INTO feedback_outbox (id, destination, trace_id, client_request_id, source_id, assessments,"
-                " issued_here, created_at, next_at, owner, lease_until, voter) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " issued_here, created_at, next_at, owner, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     item.id,
                     item.destination,
@@ -194,7 +192,6 @@ class Outbox:
                     now,
                     self.owner,
                     now + lease_seconds,
-                    item.voter,
                 ),
             )
         return None
@@ -354,7 +351,6 @@ def _item(row: sqlite3.Row) -> Item:
         state=row["state"],
         attempts=row["attempts"],
         item_errors=row["item_errors"],
-        voter=row["voter"],
         maybe_written=bool(row["maybe_written"]),
         created_at=row["created_at"],
         not_found_since=row["not_found_since"],

@@ -59,9 +59,10 @@ async def test_seed_trace_id_shape_right_after_the_answer(experiment_name: str) 
 async def test_seed_client_request_id_shape_with_user_header(experiment_name: str) -> None:
     app = build_app(experiment_name=experiment_name)
     async with client_for(app) as client:
-        answer = await answered(client, **{"X-Request-ID": "req-1234abcd"})
+        # As in the guide, the service draws the client request ID and hands it out (here in X-Request-ID).
+        answer = await answered(client)
         response = await client.post(
-            "/feedback?client_request_id=req-1234abcd",
+            f"/feedback?client_request_id={answer.headers['x-request-id']}",
             json={"is_correct": False, "comment": None},
             headers={"X-User-ID": "bob"},
         )
@@ -74,10 +75,11 @@ async def test_seed_client_request_id_shape_with_user_header(experiment_name: st
 async def test_client_request_id_found_by_search_from_another_process(experiment_name: str) -> None:
     """A fresh middleware (as in another worker) has no memory of the request and searches MLflow."""
     async with client_for(build_app(experiment_name=experiment_name)) as client:
-        answer = await answered(client, **{"X-Request-ID": "req-other-worker"})
+        answer = await answered(client)
     get_trace(answer.headers[TRACE_HEADER])
     async with client_for(build_app(experiment_name=experiment_name)) as other:
-        response = await other.post("/feedback?client_request_id=req-other-worker", json={"is_correct": True})
+        request_id = answer.headers["x-request-id"]
+        response = await other.post(f"/feedback?client_request_id={request_id}", json={"is_correct": True})
     assert response.status_code == 200, response.text
     assert response.json()["trace_id"] == answer.headers[TRACE_HEADER]
 

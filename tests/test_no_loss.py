@@ -114,11 +114,8 @@ def test_feedback_to_another_replica_is_written_once(
     with AppProcess(tmp_path, env, kwargs) as a, AppProcess(tmp_path, env, kwargs) as b:
         sent: list[tuple[str, str]] = []
         for answering, other, by in ((a, b, "trace_id"), (b, a, "client_request_id"), (a, b, "client_request_id")):
-            request_id = f"req-{len(sent)}-{experiment_name}"
-            answer = httpx.post(
-                f"{answering.url}/chat", json={"message": "hi"}, headers={"X-Request-ID": request_id}, timeout=30
-            )
-            key = answer.headers[TRACE_HEADER] if by == "trace_id" else request_id
+            answer = httpx.post(f"{answering.url}/chat", json={"message": "hi"}, timeout=30)
+            key = answer.headers[TRACE_HEADER] if by == "trace_id" else answer.headers["x-request-id"]
             response = httpx.post(f"{other.url}/feedback?{by}={key}", json={"is_correct": True}, timeout=60)
             assert response.status_code in (200, 202), response.text
             sent.append((answer.headers[TRACE_HEADER], response.json()["feedback_id"]))

@@ -18,9 +18,11 @@ async def main():
     out = {}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         r = await client.post("/chat?x=1", json={"message": "hi"},
-                              headers={"X-Request-ID": "otlp-req-1", "X-User-ID": "u1", "X-Session-ID": "s1"})
+                              headers={"X-User-ID": "u1", "X-Session-ID": "s1"})
+        request_id = r.headers["x-request-id"]  # drawn by the service: it may name the answer to vote on
+        out["request_id"] = request_id
         s = await client.post("/chat/stream", json={"message": "a b"})
-        fb = await client.post("/feedback?client_request_id=otlp-req-1", json={"is_correct": True, "comment": "ok"})
+        fb = await client.post(f"/feedback?client_request_id={request_id}", json={"is_correct": True, "comment": "ok"})
         out["feedback"] = [fb.status_code, fb.json()]
         out["stream_tail"] = s.text.strip().splitlines()[-1]
         tagged = await client.post("/chat-tagged", json={"message": "hi"})
@@ -28,7 +30,7 @@ async def main():
     # A fresh middleware (another worker) finds the client request ID by its tag.
     other = build_app(tracking_uri=sys.argv[1], experiment_name="otlp-export", export="otlp", feedback_sync_seconds=30)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://t") as client:
-        fb = await client.post("/feedback?client_request_id=otlp-req-1", json={"ratings": {"accuracy": 5}})
+        fb = await client.post(f"/feedback?client_request_id={request_id}", json={"ratings": {"accuracy": 5}})
         out["other_feedback"] = [fb.status_code, fb.json()]
     trace = get_trace(r.headers["x-mlflow-trace-id"], finalized=False)
     root = root_span(trace)
@@ -56,7 +58,7 @@ def test_otlp_export_keeps_what_feedback_and_reports_need(mlflow_server: MlflowS
     assert out["otlp_env"]["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == f"{mlflow_server.url}/v1/traces"
     trace = out["trace"]
     assert trace["name"] == "POST /chat"
-    assert trace["tag_request_id"] == "otlp-req-1"
+    assert trace["tag_request_id"] == out["request_id"]
     assert trace["metadata"]["mlflow.trace.user"] == "u1"
     assert trace["metadata"]["mlflow.trace.session"] == "s1"
     assert trace["state"] == "OK"

@@ -271,7 +271,7 @@ async def test_a_user_voting_again_updates_their_vote_and_others_keep_theirs(exp
     assert by_source == {
         ("alice", "user_feedback"): [False],
         ("bob", "user_feedback"): [True],
-        ("anonymous", "user_feedback"): [False, True],  # anonymous votes are nobody's to merge
+        ("anonymous", "user_feedback"): [False],  # one anonymous voter per answer: the last vote counts
         ("alice", "user_accuracy"): [0.8],
     }
     alice = next(a for a in human_feedback(trace_id) if a.source.source_id == "alice" and a.name == "user_feedback")
