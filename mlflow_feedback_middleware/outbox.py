@@ -8,6 +8,7 @@ Times are wall-clock seconds because rows outlive the process that wrote them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -106,6 +107,19 @@ def public_error(state: str, error: str | None) -> str | None:
     return "the tracking server refused this feedback" if state == FAILED else "waiting for the tracking server"
 
 
+def _create_private(path: str) -> None:
+    """Create the outbox file with mode 0600, or make an existing one 0600.
+
+    An existing file is never opened here: closing any descriptor of a file drops every POSIX lock this
+    process holds on it, and sqlite's locks (another middleware of this process may hold them) are those.
+    """
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        with contextlib.suppress(OSError):  # another user's file: theirs to protect
+            os.chmod(path, 0o600)
+
+
 def _owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -127,9 +141,10 @@ class Outbox:
         self.owner = _owner_id()
         self.path = str(path) if path is not None else None
         if self.path is not None:
-            # Comments and user IDs are nobody else's to read: the folder and files are the owner's only.
+            # Comments and user IDs are nobody else's to read: the folder and files are the owner's only
+            # (sqlite gives its -wal and -shm files the database file's mode).
             Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            _create_private(self.path)
         # One connection, serialised by a lock: sqlite's own locking then orders us against other processes.
         self._conn = sqlite3.connect(
             self.path or ":memory:", timeout=10.0, isolation_level=None, check_same_thread=False

@@ -7,12 +7,14 @@ event loop and never on the app's threadpool (a slow tracking server must not st
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, suppress
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -23,6 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from .distributed import continued_root
 from .export import export_losses, flush_exports, skip_absent_module_probes, speed_up_mlflow_exporter, use_otlp_export
+from .server_watch import probe
 from .trace_info_client import close_fast_connections
 
 logger = logging.getLogger("mlflow_feedback_middleware")
@@ -34,6 +37,72 @@ T = TypeVar("T")
 _REMOTE_SCHEMES = {"http", "https", "databricks", "databricks-uc", "uc"}
 _RETRY_SECONDS = (1, 2, 5, 10, 30, 60)
 _TRACE_NAME_TAG = "mlflow.traceName"
+
+
+class DaemonExecutor:
+    """Runs blocking MLflow calls on up to `threads` daemon threads, started as needed.
+
+    Not a ThreadPoolExecutor: the interpreter joins those threads at exit, and MLflow's client retries a
+    refused connection for about four minutes (measured: a process whose work was done took 247 s to exit
+    with the tracking server down). Daemon threads end with the process; what must be finished at exit
+    (held traces, queued feedback) is flushed by the exit hooks, within their deadlines.
+    """
+
+    _names = itertools.count()
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._max = threads
+        self._name = name
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run `fn(*args)` on a daemon thread; its future."""
+        future: Future[T] = Future()
+        self._work.put((future, fn, args))
+        with self._lock:
+            if self._idle == 0 and len(self._threads) < self._max:
+                thread = threading.Thread(target=self._run, name=f"{self._name}_{next(self._names)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            task = self._work.get()
+            with self._lock:
+                self._idle -= 1
+            if task is None:
+                return
+            future, fn, args = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self) -> None:
+        """Cancel what has not started and let every thread end once its current call returns."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        while True:
+            try:
+                task = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in threads:
+            self._work.put(None)
 
 
 def _sampling_configured() -> bool:
@@ -75,8 +144,8 @@ class MlflowBackend:
         self._losses_hooked = False  # MLflow builds its exporter with the first span
         self._startup_deadline: float | None = None
 
-    def _new_executor(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="mlflow-feedback")
+    def _new_executor(self) -> DaemonExecutor:
+        return DaemonExecutor(self._threads, "mlflow-feedback")
 
     @property
     def unreachable(self) -> bool:
@@ -95,6 +164,10 @@ class MlflowBackend:
             return None
         remote = urlparse(uri).scheme in _REMOTE_SCHEMES
         try:
+            # A brief look first: MLflow's client would retry a refused connection for minutes.
+            unreachable = probe(uri, 2.0)
+            if unreachable is not None:
+                raise ConnectionError(unreachable)
             experiment_id = self._find_experiment(uri)
         except Exception as exc:
             if not remote:
@@ -198,7 +271,7 @@ class MlflowBackend:
         A lifespan may start again (a test client entered twice): a fresh executor starts no thread until used.
         """
         executor, self._executor = self._executor, self._new_executor()
-        executor.shutdown(wait=False, cancel_futures=True)
+        executor.shutdown()
         close_fast_connections()
 
     def is_real(self, span: Any) -> bool:

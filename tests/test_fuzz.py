@@ -58,6 +58,15 @@ NASTY_TEXT = [
     "../../etc/passwd",
     "%0d%0aX-Injected:%20yes",
     "fb-" + "0" * 32,
+    # Shapes of the second security review: traversal into the tracking server's API, IDs that make it err,
+    # client-chosen request IDs, re-spelled tokens.
+    "tr-1/../../../../2.0/mlflow/experiments/get",
+    "trace:/c.s/p1",
+    "trace:/c.s/" + "a" * 32,
+    "trace:/../" + "a" * 32,
+    "544",
+    "v1.e30.AA==",
+    "v1.e30\ud800.AA",
 ]
 NASTY_BODIES = [
     b"[" * 50_000,  # a nesting bomb
@@ -75,8 +84,12 @@ NASTY_BODIES = [
     b'{"is_correct": true, "feedback_token": {"$ne": null}}',
     b'{"is_correct": true, "user_id": "\\r\\nX-Injected: yes"}',
     b'{"metadata": {"k": {"nested": [1, 2]}}, "is_correct": true}',
+    b"is_correct=false&comment=csrf",  # a cross-site form body
+    b'{"is_correct": true, "feedback_token": "v1.\ud800.x"}',
+    b'{"is_correct": true, "client_request_id": "544"}',
 ]
 
+CONTENT_TYPES = [b"application/json", b"text/plain", b"", b"application/x-www-form-urlencoded", b"multipart/form-data"]
 texts = st.one_of(st.sampled_from(NASTY_TEXT), st.text(max_size=200))
 NASTY_HEADER_VALUES = [b"\xb2", b"-1", b"1e3", b"9" * 40, b" 12", b"\xff\xfe", b"a\r\nX-Injected: yes", b"\x00"]
 header_values = st.one_of(
@@ -257,7 +270,7 @@ def fuzz_request(target: Target, draw: Any, with_token: bool) -> None:
     )
     if real:
         query["trace_id"] = target.trace_id
-    headers = [(b"content-type", draw(st.sampled_from([b"application/json", b"text/plain", b""])))]
+    headers = [(b"content-type", draw(st.sampled_from(CONTENT_TYPES)))]
     for name in draw(
         st.lists(
             st.sampled_from(
