@@ -55,6 +55,13 @@ ITEM_ERROR = "item_error"
 _POLL_SECONDS = 5.0  # picks up items other processes left behind, and expired leases
 _BATCH = 20
 _RETENTION_SECONDS = 7 * 24 * 3600
+_SHARE_SECONDS = 1.0  # how often issued traces are shared with the other workers through the outbox file
+# Items failed because their trace never appeared are looked for again this often, for this long: a trace
+# delayed by an outage or a slow server may still land, and then its vote is delivered.
+_RECHECK_SECONDS = 300.0
+_RECHECK_HORIZON_SECONDS = 24 * 3600
+_RECHECK_BATCH = 50
+VOUCHED = "vouched"  # a worker of this service issued the trace: the request is answered 202 at once
 _FAILED_RETENTION_SECONDS = 30 * 24 * 3600
 _exports_flushed_at_exit = False
 
@@ -89,6 +96,8 @@ class FeedbackDelivery:
         self._server = ServerWatch(lambda: backend.unreachable)
         self.delivered = 0
         self.failed = 0
+        self.revived = 0
+        self._next_recheck = time.monotonic() + _RECHECK_SECONDS
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -239,16 +248,62 @@ class FeedbackDelivery:
         elif outcome == UNAVAILABLE:
             self.outbox.save(item, next_at=time.time() + self._server.backoff())
         elif outcome == ITEM_ERROR:
-            pause = _ITEM_BACKOFF[min(item.attempts, len(_ITEM_BACKOFF)) - 1]
+            pause = _ITEM_BACKOFF[min(max(item.item_errors, 1), len(_ITEM_BACKOFF)) - 1]
             self.outbox.save(item, next_at=time.time() + pause)
         else:
             with self._waiters_lock:
-                answered = outcome in (NOT_FOUND, REFUSED) and item.id in self._waiters  # its request says so
+                # Its request answers it (and the route logs it once): no warning per hostile request.
+                answered = outcome in (NOT_FOUND, REFUSED, REJECTED) and item.id in self._waiters
             if item.state == FAILED and not answered:
                 self.failed += 1
                 logger.warning("feedback %s for trace %s failed: %s", item.id, item.trace_id, item.last_error)
             self.outbox.save(item, next_at=time.time())
         self._report(item, outcome)
+
+    def vouch(self, item: Item) -> bool:
+        """Whether another worker of this host recorded the item's trace as issued (then it waits as long as
+        its own worker would). Fills in the trace ID of an item named by client request ID."""
+        try:
+            records = self.outbox.issued(self.destination, item.trace_id, item.client_request_id)
+            if len(records) != 1 or (item.trace_id is None and records[0]["chosen_by_client"]):
+                return False  # unknown, ambiguous, or a client-chosen ID (refused once MLflow has the trace)
+            trace_id: str = records[0]["trace_id"]
+        except Exception:  # a record is a shortcut, never a reason to fail a vote
+            logger.debug("could not read the issued-trace records", exc_info=True)
+            return False
+        item.trace_id = item.trace_id or trace_id
+        item.vouched = True
+        return True
+
+    def share_issued(self) -> None:
+        """Record the traces this process issued where the other workers sharing the outbox can see them."""
+        issued = self._recent.take_unshared()
+        if issued:
+            try:
+                self.outbox.record_issued(self.destination, issued, time.time())
+            except Exception:
+                logger.debug("could not share %d issued trace(s)", len(issued), exc_info=True)
+
+    def recheck_failed(self) -> int:
+        """Put back in the queue the items failed for a missing trace that has appeared since; how many."""
+        from .feedback_writer import trace_exists
+
+        since = time.time() - _RECHECK_HORIZON_SECONDS
+        revived = 0
+        for item in self.outbox.failed_not_found(self.destination, since, _RECHECK_BATCH):
+            if self._server.problem() is not None:
+                break
+            try:
+                found = trace_exists(item.trace_id) if item.trace_id else self._resolve(item.client_request_id or "")
+            except Exception:
+                continue
+            if found:
+                self.outbox.revive(item.id)
+                revived += 1
+        if revived:
+            self.revived += revived
+            logger.info("%d feedback item(s) whose trace appeared late are delivered now", revived)
+        return revived
 
     def _resolve(self, client_request_id: str) -> str | None:
         found = self._recent.lookup(client_request_id)
@@ -269,9 +324,10 @@ class FeedbackDelivery:
         if item.not_found_since is None or (item.trace_id is not None and self._recent.is_open(item.trace_id)):
             item.not_found_since = now  # a stream still running is not exported yet: the clock has not started
         item.maybe_written = False
-        limit = self._known_wait if item.issued_here else self._unknown_wait
+        newly_vouched = not (item.issued_here or item.vouched) and self.vouch(item)
+        limit = self._known_wait if item.issued_here or item.vouched else self._unknown_wait
         if now - item.not_found_since < limit:
-            return WAITING
+            return VOUCHED if newly_vouched else WAITING
         item.state, item.last_error = FAILED, f"trace not found after {limit:g} s"
         return NOT_FOUND
 
@@ -281,10 +337,11 @@ class FeedbackDelivery:
         item.item_errors += 1
         item.attempts -= 1  # counted as the item's error, not as one of the server's
         logger.warning(
-            "feedback %s: the tracking server answered an error (%d of %d)",
+            "feedback %s failed while the tracking server is up (%d of %d): %s",
             item.id,
             item.item_errors,
             MAX_ITEM_ERRORS,
+            (item.last_error or "")[:200],
         )
         if item.item_errors >= MAX_ITEM_ERRORS:
             item.state = FAILED
@@ -320,12 +377,17 @@ class FeedbackDelivery:
         except Exception:
             logger.warning("could not read the feedback outbox", exc_info=True)
         while not self._stopping.is_set():
+            self.share_issued()
             try:
+                if time.monotonic() >= self._next_recheck:
+                    self._next_recheck = time.monotonic() + _RECHECK_SECONDS
+                    self.outbox.prune_issued(2 * max(self._known_wait, _RECHECK_HORIZON_SECONDS))
+                    self.recheck_failed()
                 pause = self._pass(None, everything=False)
             except Exception:
                 logger.warning("feedback delivery pass failed", exc_info=True)
                 pause = _POLL_SECONDS
-            self._wake.wait(pause)
+            self._wake.wait(min(pause, _SHARE_SECONDS))
             self._wake.clear()
 
     def _pass(self, deadline: float | None, everything: bool) -> float:
@@ -369,5 +431,8 @@ class FeedbackDelivery:
                 **self.outbox.stats(self.destination),
                 "delivered_by_this_process": self.delivered,
                 "failed_by_this_process": self.failed,
+                "revived_by_this_process": self.revived,
+                "recheck": f"failed 'trace not found' items are looked for again every {_RECHECK_SECONDS:g} s"
+                f" for {_RECHECK_HORIZON_SECONDS / 3600:g} h",
             },
         }

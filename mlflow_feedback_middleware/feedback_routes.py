@@ -59,10 +59,16 @@ class _BadRequest(Exception):
 def _error(
     status: int, message: str, errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body: dict[str, Any] = {"status": "error", "message": message}
+    # Messages and field paths may quote what the client sent (a path, a JSON key): never let its lone
+    # surrogates turn a 4xx into a 500.
+    body: dict[str, Any] = {"status": "error", "message": _encodable(message)}
     if errors:
-        body["errors"] = errors
+        body["errors"] = [{key: _encodable(value) for key, value in error.items()} for error in errors]
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _unauthorized(message: str) -> _BadRequest:
@@ -104,10 +110,11 @@ class FeedbackRoutes:
         self._tokens = tokens
         self._schema = settings.feedback_schema
         self._token_header = settings.feedback_token_header
-        self._limiter = RateLimiter(settings.rate_limit) if settings.rate_limit is not None else None
+        limit, header = settings.rate_limit, settings.feedback_token_header
+        self._limiter = RateLimiter(limit, header) if limit is not None else None
         # Reads (status, health, schema, summary) get their own bucket of the same size: a client polling
         # its vote's status never uses up its votes.
-        self._read_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit is not None else None
+        self._read_limiter = RateLimiter(limit, header) if limit is not None else None
 
     def handles(self, path: str) -> bool:
         """Whether `path` belongs to the feedback routes."""
@@ -261,6 +268,11 @@ class FeedbackRoutes:
         issued_here = trace_id is not None and trace_id in self._recent
         crid = feedback.client_request_id
         item = Item(self._delivery.destination, trace_id, crid, user or ANONYMOUS, assessments, issued_here)
+        if not issued_here:
+            # Issued by another worker or replica of this service: its token says so across hosts, the
+            # outbox file's record across one host's workers. Then the vote waits for the trace as long as
+            # that worker's own would (the experiment is still checked once the trace is there).
+            item.vouched = grant is not None or await asyncio.to_thread(self._delivery.vouch, item)
         if idempotency_key is not None:
             # The same key from the same user always names the same item, in any process sharing the
             # outbox, and the same assessments in MLflow (their metadata carries the item ID).
@@ -305,7 +317,7 @@ class FeedbackRoutes:
         # has it or has said "not found" for `feedback_wait_seconds`, so a made-up ID gets its 404.
         wait = (
             self._settings.feedback_sync_seconds
-            if item.issued_here
+            if item.issued_here or item.vouched
             else self._settings.feedback_wait_seconds + _VERDICT_MARGIN_SECONDS
         )
         outcome_future = self._delivery.expect(item.id, asyncio.get_running_loop())

@@ -122,6 +122,17 @@ def trace_facts(trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
     return facts
 
 
+def trace_exists(trace_id: str) -> bool:
+    """Whether the tracking server has the trace (its info, at least)."""
+    try:
+        TracingClient().get_trace_info(trace_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
 def search_trace_id(experiment_id: str, client_request_id: str, by_tag: bool) -> str | None:
     """The trace with that client request ID in the experiment, if the store has it.
 

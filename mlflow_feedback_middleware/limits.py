@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
@@ -40,35 +42,80 @@ def client_address(conn: HTTPConnection) -> str:
     return str(client[0]) if client else "unknown"
 
 
+def _in(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
 @dataclass(frozen=True)
 class RateLimit:
     """A token bucket per client: `burst` requests at once, refilled at `per_second`.
 
-    `key` names the client; by default its IP address.
+    Who "a client" is: `key(conn)` when given; else the feedback token the request carries (one bucket per
+    answer: behind a proxy or NAT, users never share one), else the user `AuthenticationMiddleware`
+    authenticated, else the IP address. `trusted_proxies` (addresses or networks, e.g. ``"10.0.0.0/8"``)
+    are the only peers whose ``X-Forwarded-For`` is believed: the client is then the right-most address
+    in it that is not itself a trusted proxy.
     """
 
     per_second: float = 5.0
     burst: int = 50
-    key: Callable[[HTTPConnection], str] = client_address
+    key: Callable[[HTTPConnection], str] | None = None
     max_clients: int = 10_000  # buckets kept; the least recently seen client is forgotten first
+    trusted_proxies: tuple[str, ...] = ()
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (self.per_second > 0 and math.isfinite(self.per_second)) or self.burst < 1 or self.max_clients < 1:
             raise ValueError("RateLimit needs per_second > 0, burst >= 1 and max_clients >= 1")
+        if isinstance(self.trusted_proxies, str):
+            raise TypeError("trusted_proxies takes a list of addresses or networks, not one string")
+        try:
+            networks = tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc}") from None
+        object.__setattr__(self, "_networks", networks)
+
+    def address(self, conn: HTTPConnection) -> str:
+        """The client's IP address, through trusted proxies' ``X-Forwarded-For``."""
+        peer = client_address(conn)
+        if not self._networks or not _in(peer, self._networks):
+            return peer
+        hops = [hop.strip() for hop in conn.headers.get("x-forwarded-for", "").split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not _in(hop, self._networks):
+                return hop
+        return peer
+
+    def client_of(self, conn: HTTPConnection, token_header: str) -> str:
+        """The bucket a request draws from (see the class docstring)."""
+        if self.key is not None:
+            return self.key(conn)
+        token = conn.headers.get(token_header)
+        if token:
+            return "token:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        user = conn.scope.get("user")
+        if user is not None and getattr(user, "is_authenticated", False):
+            return "user:" + str(getattr(user, "display_name", "") or getattr(user, "identity", ""))
+        return "ip:" + self.address(conn)
 
 
 class RateLimiter:
     """Applies a `RateLimit`; thread-safe, O(1) per request, memory bounded by `max_clients`."""
 
-    def __init__(self, limit: RateLimit) -> None:
+    def __init__(self, limit: RateLimit, token_header: str = "X-MLflow-Feedback-Token") -> None:
         self.limit = limit
+        self._token_header = token_header
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
         self._lock = threading.Lock()
 
     def take(self, conn: HTTPConnection, now: float | None = None) -> float:
         """Spend one token for the client of `conn`: 0.0 if allowed, else seconds until one is available."""
         limit = self.limit
-        key = limit.key(conn)
+        key = limit.client_of(conn, self._token_header)
         now = time.monotonic() if now is None else now
         with self._lock:
             tokens, at = self._buckets.pop(key, (float(limit.burst), now))

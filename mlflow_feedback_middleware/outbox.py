@@ -48,12 +48,22 @@ CREATE TABLE IF NOT EXISTS feedback_outbox (
     lease_until REAL,
     last_error TEXT,
     finished_at REAL,
-    item_errors INTEGER NOT NULL DEFAULT 0
+    item_errors INTEGER NOT NULL DEFAULT 0,
+    vouched INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS feedback_outbox_due ON feedback_outbox (destination, state, seq);
+CREATE TABLE IF NOT EXISTS issued_traces (
+    trace_id TEXT PRIMARY KEY,
+    destination TEXT NOT NULL,
+    client_request_id TEXT NOT NULL,
+    chosen_by_client INTEGER NOT NULL,
+    issued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS issued_traces_request ON issued_traces (destination, client_request_id);
 """
 # Columns added since the first release, for outbox files an earlier version created.
-_ADDED_COLUMNS = {"item_errors": "INTEGER NOT NULL DEFAULT 0"}
+_ADDED_COLUMNS = {"item_errors": "INTEGER NOT NULL DEFAULT 0", "vouched": "INTEGER NOT NULL DEFAULT 0"}
+NOT_FOUND_ERROR = "trace not found after"  # how a failed "never appeared" item's last_error begins
 # Pending items one service may hold: past it, feedback is refused (503) rather than filling the disk with
 # votes for made-up IDs during an outage.
 MAX_PENDING = 10_000
@@ -79,6 +89,7 @@ class Item:
     state: str = PENDING
     attempts: int = 0
     item_errors: int = 0  # errors the server answered for this item while it was otherwise healthy
+    vouched: bool = False  # a worker of this service issued the trace (its token, or the shared record)
     maybe_written: bool = False  # a write was started whose outcome is unknown (crash, timeout)
     created_at: float = field(default_factory=time.time)
     not_found_since: float | None = None
@@ -154,6 +165,14 @@ class Outbox:
         if self.path is not None:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")  # an accepted vote survives a crash or power cut
+        # Issued-trace records go through a connection of their own that does not sync each write: many a
+        # second, and one lost in a power cut only shortens a vote's wait.
+        self._shared = self._conn
+        if self.path is not None:
+            self._shared = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            self._shared.execute("PRAGMA synchronous=NORMAL")
+            self._shared.row_factory = sqlite3.Row
+        self._shared_lock = threading.Lock() if self.path is not None else self._lock
         with self._lock:
             self._conn.executescript(_SCHEMA)
             present = {row["name"] for row in self._conn.execute("PRAGMA table_info(feedback_outbox)")}
@@ -194,7 +213,7 @@ class Outbox:
                 raise OutboxFull(f"{pending} feedback items are waiting for delivery")
             db.execute(
                 "INSERT INTO feedback_outbox (id, destination, trace_id, client_request_id, source_id, assessments,"
-                " issued_here, created_at, next_at, owner, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " issued_here, created_at, next_at, owner, lease_until, vouched) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     item.id,
                     item.destination,
@@ -207,6 +226,7 @@ class Outbox:
                     now,
                     self.owner,
                     now + lease_seconds,
+                    int(item.vouched),
                 ),
             )
         return None
@@ -222,7 +242,8 @@ class Outbox:
         with self._tx() as db:
             db.execute(
                 "UPDATE feedback_outbox SET trace_id=?, assessment_ids=?, state=?, attempts=?, item_errors=?,"
-                " maybe_written=?, not_found_since=?, last_error=?, finished_at=?, next_at=COALESCE(?, next_at),"
+                " vouched=?, maybe_written=?, not_found_since=?, last_error=?, finished_at=?,"
+                " next_at=COALESCE(?, next_at),"
                 " owner=CASE WHEN ? IS NULL THEN owner ELSE NULL END,"
                 " lease_until=CASE WHEN ? IS NULL THEN lease_until ELSE NULL END WHERE id=?",
                 (
@@ -231,6 +252,7 @@ class Outbox:
                     item.state,
                     item.attempts,
                     item.item_errors,
+                    int(item.vouched),
                     int(item.maybe_written),
                     item.not_found_since,
                     item.last_error,
@@ -336,6 +358,58 @@ class Outbox:
             "failed": counts.get(FAILED, 0),
         }
 
+    # -- what the workers of this host issued ---------------------------------------------------------
+
+    def record_issued(self, destination: str, issued: list[tuple[str, str, bool]], now: float) -> None:
+        """Share traces this process issued, (trace ID, client request ID, chosen by the client), with every
+        process using this outbox file."""
+        rows = [(trace_id, destination, crid, int(chosen), now) for trace_id, crid, chosen in issued]
+        with self._shared_lock:
+            self._shared.execute("BEGIN IMMEDIATE")
+            try:
+                self._shared.executemany("INSERT OR IGNORE INTO issued_traces VALUES (?,?,?,?,?)", rows)
+            except BaseException:
+                self._shared.execute("ROLLBACK")
+                raise
+            self._shared.execute("COMMIT")
+
+    def issued(self, destination: str, trace_id: str | None, client_request_id: str | None) -> list[sqlite3.Row]:
+        """The issued-trace records for a trace ID or a client request ID (two or more: the ID is ambiguous)."""
+        with self._shared_lock:
+            if trace_id is not None:
+                query, key = "trace_id=?", trace_id
+            else:
+                query, key = "client_request_id=?", client_request_id or ""
+            return self._shared.execute(
+                f"SELECT * FROM issued_traces WHERE destination=? AND {query} LIMIT 2", (destination, key)
+            ).fetchall()
+
+    def prune_issued(self, older_than_seconds: float) -> None:
+        """Forget issued-trace records nobody will wait for any more."""
+        with self._shared_lock:
+            self._shared.execute("DELETE FROM issued_traces WHERE issued_at<?", (time.time() - older_than_seconds,))
+
+    # -- late traces -----------------------------------------------------------------------------------
+
+    def failed_not_found(self, destination: str, since: float, limit: int) -> list[Item]:
+        """Accepted items that failed because their trace had not appeared, most recent first."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM feedback_outbox WHERE destination=? AND state='failed' AND finished_at>=?"
+                " AND last_error LIKE ? ORDER BY finished_at DESC LIMIT ?",
+                (destination, since, NOT_FOUND_ERROR + "%", limit),
+            ).fetchall()
+        return [_item(row) for row in rows]
+
+    def revive(self, item_id: str) -> None:
+        """Put a failed item back in the queue (its trace has appeared since)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE feedback_outbox SET state='pending', not_found_since=NULL, finished_at=NULL, last_error=NULL,"
+                " next_at=? WHERE id=? AND state='failed'",
+                (time.time(), item_id),
+            )
+
     def purge_finished(self, delivered_seconds: float, failed_seconds: float) -> int:
         """Delete delivered rows older than `delivered_seconds`, and failed ones (kept longer for an operator
         to inspect) older than `failed_seconds`."""
@@ -366,6 +440,7 @@ def _item(row: sqlite3.Row) -> Item:
         state=row["state"],
         attempts=row["attempts"],
         item_errors=row["item_errors"],
+        vouched=bool(row["vouched"]),
         maybe_written=bool(row["maybe_written"]),
         created_at=row["created_at"],
         not_found_since=row["not_found_since"],

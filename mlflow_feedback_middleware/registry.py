@@ -33,6 +33,9 @@ class RecentTraces:
         self._chosen_by_client: set[str] = set()
         self._trace_ids: OrderedDict[str, None] = OrderedDict()
         self._open: set[str] = set()  # root spans not ended yet (streams still running)
+        # Issued since the delivery thread last shared them with the other workers (bounded: a lost record
+        # only shortens a vote's wait on another worker).
+        self._unshared: list[tuple[str, str, bool]] = []
         self.issued = 0  # trace IDs handed out since start-up
         self._lock = threading.Lock()
 
@@ -48,6 +51,8 @@ class RecentTraces:
                 self._trace_ids[trace_id] = None
                 while len(self._trace_ids) > self._capacity:
                     self._trace_ids.popitem(last=False)
+                if len(self._unshared) < self._capacity:
+                    self._unshared.append((trace_id, client_request_id, chosen_by_client))
             if client_request_id in self._by_request_id or client_request_id in self._ambiguous:
                 self._by_request_id.pop(client_request_id, None)
                 self._ambiguous[client_request_id] = None
@@ -60,6 +65,12 @@ class RecentTraces:
             while len(self._by_request_id) > self._capacity:
                 evicted_id, _ = self._by_request_id.popitem(last=False)
                 self._chosen_by_client.discard(evicted_id)
+
+    def take_unshared(self) -> list[tuple[str, str, bool]]:
+        """The traces issued since the last call: (trace ID, client request ID, chosen by the client)."""
+        with self._lock:
+            taken, self._unshared = self._unshared, []
+            return taken
 
     def ended(self, trace_id: str) -> None:
         """The root span of `trace_id` has ended: MLflow may export it from now on."""

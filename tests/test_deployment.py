@@ -1,0 +1,119 @@
+"""Deployment behaviour: several workers sharing one outbox file, votes reaching the worker that did not
+answer before MLflow has the trace, and votes whose trace lands after they were given up on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mlflow_feedback_middleware import MlflowFeedbackMiddleware, RateLimit
+
+from .apps import build_app
+from .support import AppProcess, MlflowServer, client_for, get_trace, wait_until
+from .test_no_loss import outbox_health
+from .test_security import SECRET, TOKEN_HEADER
+
+TRACE_HEADER = "x-mlflow-trace-id"
+
+
+def test_a_vote_on_the_other_worker_waits_for_a_trace_exported_late(
+    tmp_path: Path, mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    """Worker A answers; its trace reaches MLflow only seconds later (a long export interval stands in for
+    a loaded server). Worker B gets the votes at once, by trace ID and by request ID, and knows from the
+    shared outbox that A issued the trace: it answers 202 and delivers when the trace lands, instead of
+    giving up after `feedback_wait_seconds` (404)."""
+    outbox = str(tmp_path / "outbox.db")
+    common = {"experiment_name": experiment_name, "outbox_path": outbox, "feedback_wait_seconds": 3}
+    slow_export = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS": "12000"}
+    with (
+        AppProcess(tmp_path, slow_export, common) as a,
+        AppProcess(tmp_path, {"MLFLOW_TRACKING_URI": mlflow_server.url}, common) as b,
+    ):
+        votes = []
+        for by in ("trace_id", "client_request_id"):
+            answer = httpx.post(f"{a.url}/chat", json={"message": "hi"}, timeout=30)
+            key = answer.headers[TRACE_HEADER] if by == "trace_id" else answer.headers["x-request-id"]
+            vote = httpx.post(f"{b.url}/feedback?{by}={key}", json={"is_correct": True}, timeout=60)
+            assert vote.status_code == 202, vote.text  # vouched for by A's record: accepted, not 404
+            votes.append((answer.headers[TRACE_HEADER], vote.json()["feedback_id"]))
+        wait_until(lambda: outbox_health(b)["outbox"]["pending"] == 0, 120, "the votes were delivered")
+    for trace_id, feedback_id in votes:
+        assessments = get_trace(trace_id).info.assessments
+        assert [a.name for a in assessments] == ["user_feedback"]
+        assert assessments[0].metadata["mlflow_feedback.feedback_id"] == feedback_id + "/0"
+
+
+def _middleware(app: Any) -> MlflowFeedbackMiddleware:
+    layer = app.middleware_stack
+    while not isinstance(layer, MlflowFeedbackMiddleware):
+        layer = layer.app
+    return layer
+
+
+@pytest.mark.anyio
+async def test_a_vote_given_up_on_is_delivered_when_its_trace_lands_late(experiment_name: str) -> None:
+    """With no wait at all, a vote on a trace MLflow does not have yet fails ("trace not found after 0 s");
+    the re-check finds the trace later and delivers the vote, and the health route says it did."""
+    app = build_app(experiment_name=experiment_name, trace_wait_seconds=0, feedback_sync_seconds=0)
+    async with client_for(app) as client:
+        trace_id = (await client.post("/chat", json={"message": "hi"})).headers[TRACE_HEADER]
+        vote = await client.post(f"/feedback?trace_id={trace_id}", json={"is_correct": False})
+        assert vote.status_code == 202
+        status_url = vote.json()["status_url"]
+        wait_until(lambda: _state(app, status_url) == "failed", 60, "the vote was given up on")
+        get_trace(trace_id)  # the trace lands
+        delivery = _middleware(app).delivery
+        assert delivery.recheck_failed() == 1
+        delivery.wake()
+        wait_until(lambda: _state(app, status_url) == "delivered", 60, "the vote was delivered")
+        health = (await client.get("/feedback/health")).json()
+    assert health["outbox"]["revived_by_this_process"] == 1
+    assert [a.value for a in get_trace(trace_id).info.assessments] == [False]
+
+
+def _state(app: Any, status_url: str) -> str:
+    item = _middleware(app).delivery.outbox.get(status_url.rsplit("/", 1)[1])
+    return item.state if item else "missing"
+
+
+@pytest.mark.anyio
+async def test_behind_one_proxy_address_each_answer_has_its_own_rate_limit(experiment_name: str) -> None:
+    """Every request comes from the proxy's address: keyed by IP, one user's clicks would use up everyone's
+    budget. Keyed by the answer's token, each user keeps theirs; an attacker's forged X-Forwarded-For counts
+    only from a trusted proxy."""
+    limit = RateLimit(per_second=0.01, burst=2, trusted_proxies=("127.0.0.0/8",))
+    app = build_app(experiment_name=experiment_name, feedback_secret=SECRET, rate_limit=limit)
+    async with client_for(app) as client:  # the ASGI client's address is 127.0.0.1: "the proxy"
+        tokens = [(await client.post("/chat", json={"message": "hi"})).headers[TOKEN_HEADER] for _ in range(3)]
+        statuses = [
+            (await client.post("/feedback", json={"is_correct": True}, headers={TOKEN_HEADER: token})).status_code
+            for token in tokens
+            for _ in range(2)
+        ]
+        assert all(s in (200, 202) for s in statuses), statuses  # three users, two votes each: none throttled
+        again = await client.post("/feedback", json={"is_correct": True}, headers={TOKEN_HEADER: tokens[0]})
+        assert again.status_code == 429  # but each answer's own budget holds
+        forwarded = [
+            (await client.get("/feedback/schema", headers={"x-forwarded-for": f"203.0.113.{i % 2}"})).status_code
+            for i in range(4)
+        ]
+    assert forwarded == [200, 200, 200, 200]  # two clients behind the trusted proxy, two reads each
+
+
+def test_forwarded_addresses_count_only_from_trusted_proxies() -> None:
+    from starlette.requests import HTTPConnection
+
+    def conn(peer: str, forwarded: str) -> HTTPConnection:
+        headers = [(b"x-forwarded-for", forwarded.encode())]
+        return HTTPConnection({"type": "http", "client": (peer, 1), "headers": headers})
+
+    trusting = RateLimit(trusted_proxies=("10.0.0.0/8",))
+    assert trusting.address(conn("10.1.2.3", "198.51.100.7, 10.9.9.9")) == "198.51.100.7"
+    assert trusting.address(conn("198.51.100.8", "1.2.3.4")) == "198.51.100.8"  # not a trusted proxy: ignored
+    assert RateLimit().address(conn("10.1.2.3", "1.2.3.4")) == "10.1.2.3"  # nobody trusted by default
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        RateLimit(trusted_proxies=("not-an-address",))
