@@ -3,6 +3,7 @@ answer before MLflow has the trace, and votes whose trace lands after they were 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +20,43 @@ from .test_security import SECRET, TOKEN_HEADER
 TRACE_HEADER = "x-mlflow-trace-id"
 
 
+def _stream_in_background(url: str) -> tuple[httpx.Headers, threading.Thread]:
+    """Start a 20 s streamed answer (its trace reaches MLflow only when it ends); its headers."""
+    ready, box = threading.Event(), {}
+
+    def read() -> None:
+        with httpx.stream("GET", f"{url}/slow-stream", timeout=120) as response:
+            box["headers"] = response.headers
+            ready.set()
+            for _ in response.iter_bytes():
+                pass
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    assert ready.wait(30), "the stream did not start"
+    return box["headers"], thread
+
+
 def test_a_vote_on_the_other_worker_waits_for_a_trace_exported_late(
     tmp_path: Path, mlflow_server: MlflowServer, experiment_name: str
 ) -> None:
-    """Worker A answers; its trace reaches MLflow only seconds later (a long export interval stands in for
-    a loaded server). Worker B gets the votes at once, by trace ID and by request ID, and knows from the
-    shared outbox that A issued the trace: it answers 202 and delivers when the trace lands, instead of
-    giving up after `feedback_wait_seconds` (404)."""
+    """Worker A answers with a 20 s stream: MLflow gets the trace when it ends. Worker B gets the votes at
+    once, by trace ID and by request ID, and knows from the shared outbox that A issued the trace: it answers
+    202 and delivers once the trace lands, instead of giving up after `feedback_wait_seconds` (404)."""
     outbox = str(tmp_path / "outbox.db")
     common = {"experiment_name": experiment_name, "outbox_path": outbox, "feedback_wait_seconds": 3}
-    slow_export = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS": "12000"}
-    with (
-        AppProcess(tmp_path, slow_export, common) as a,
-        AppProcess(tmp_path, {"MLFLOW_TRACKING_URI": mlflow_server.url}, common) as b,
-    ):
-        votes = []
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.url}
+    with AppProcess(tmp_path, env, common) as a, AppProcess(tmp_path, env, common) as b:
+        votes, streams = [], []
         for by in ("trace_id", "client_request_id"):
-            answer = httpx.post(f"{a.url}/chat", json={"message": "hi"}, timeout=30)
-            key = answer.headers[TRACE_HEADER] if by == "trace_id" else answer.headers["x-request-id"]
+            headers, stream = _stream_in_background(a.url)
+            streams.append(stream)
+            key = headers[TRACE_HEADER] if by == "trace_id" else headers["x-request-id"]
             vote = httpx.post(f"{b.url}/feedback?{by}={key}", json={"is_correct": True}, timeout=60)
             assert vote.status_code == 202, vote.text  # vouched for by A's record: accepted, not 404
-            votes.append((answer.headers[TRACE_HEADER], vote.json()["feedback_id"]))
+            votes.append((headers[TRACE_HEADER], vote.json()["feedback_id"]))
+        for stream in streams:
+            stream.join(120)
         wait_until(lambda: outbox_health(b)["outbox"]["pending"] == 0, 120, "the votes were delivered")
     for trace_id, feedback_id in votes:
         assessments = get_trace(trace_id).info.assessments
