@@ -41,6 +41,7 @@ from .feedback_writer import (
 from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
 from .registry import RecentTraces
 from .server_watch import ServerWatch
+from .trace_spool import current_spool
 from .tracing import MlflowBackend
 
 logger = logging.getLogger("mlflow_feedback_middleware")
@@ -275,6 +276,14 @@ class FeedbackDelivery:
         item.vouched = True
         return True
 
+    def _replay_spool(self) -> None:
+        """Send spooled traces once the server answers (before feedback that may be waiting for them)."""
+        spool = current_spool()
+        if spool is None or self._backend.experiment_id is None or not spool.pending():
+            return
+        if self._server.problem() is None:
+            spool.replay()
+
     def share_issued(self) -> None:
         """Record the traces this process issued where the other workers sharing the outbox can see them."""
         issued = self._recent.take_unshared()
@@ -379,6 +388,7 @@ class FeedbackDelivery:
         while not self._stopping.is_set():
             self.share_issued()
             try:
+                self._replay_spool()
                 if time.monotonic() >= self._next_recheck:
                     self._next_recheck = time.monotonic() + _RECHECK_SECONDS
                     self.outbox.prune_issued(2 * max(self._known_wait, _RECHECK_HORIZON_SECONDS))
@@ -424,6 +434,7 @@ class FeedbackDelivery:
             "tracing_disabled": self._backend.disabled_reason,
             "traces_issued": self._recent.issued,
             **self._backend.losses.snapshot(),
+            "trace_spool": spool.stats() if (spool := current_spool()) is not None else None,
             "reachable": self._server.reachable,
             "last_error": self._server.last_error,
             "outbox": {

@@ -120,6 +120,10 @@ class ExportLosses:
             while len(self._spans_dropped_for) > _REMEMBERED_DROPS:
                 self._spans_dropped_for.popitem(last=False)
 
+    def count_failure(self) -> None:
+        """An export call failed (counted where MLflow's exporter would only log it)."""
+        self._count("exports_failed")
+
     def _count(self, name: str) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
@@ -197,6 +201,32 @@ class ExportLosses:
 
 # MLflow's exporter is one per process, so are its losses: every middleware instance reports these.
 export_losses = ExportLosses()
+
+
+def spool_unexported(spool: Any) -> int:
+    """Move what MLflow's export queue still holds into `spool` (at shutdown, after the flush deadline):
+    trace infos of trace tasks, span batches of span tasks. Returns the traces spooled. Never raises."""
+    spooled = 0
+    try:
+        from mlflow.tracing.provider import _get_trace_exporter
+
+        export_queue = getattr(getattr(_get_trace_exporter(), "_async_queue", None), "_queue", None)
+        while export_queue is not None:
+            try:
+                task = export_queue.get_nowait()
+            except queue.Empty:
+                break
+            name = getattr(getattr(task, "handler", None), "__name__", "")
+            args: Any = getattr(task, "args", ())
+            if name == "_log_trace" and args and getattr(args[0], "info", None) is not None:
+                spooled += int(spool.add_info(args[0].info))
+            elif name == "_log_spans" and len(args) > 1:
+                spool.add_spans(str(args[0]), list(args[1]))
+    except Exception:
+        logger.warning("could not spool the traces MLflow had not exported", exc_info=True)
+    if spooled:
+        logger.warning("%d trace(s) not exported by the shutdown deadline were spooled for replay", spooled)
+    return spooled
 
 
 def speed_up_mlflow_exporter() -> bool:

@@ -41,6 +41,7 @@ from .registry import RecentTraces
 from .routing import host_app, mount_feedback_routes, route_path
 from .schema import FeedbackSchema
 from .tokens import FeedbackTokens, as_secret_list
+from .trace_spool import configure_spool
 from .tracing import MlflowBackend, annotate_trace
 from .websocket import STATE_KEY as WEBSOCKET_STATE_KEY
 
@@ -128,6 +129,9 @@ class MlflowFeedbackMiddleware:
             settings.tracking_uri, settings.experiment_name, settings.mlflow_threads, settings.export
         )
         self.recent = RecentTraces()
+        # Traces MLflow could not export go beside the outbox, for replay (one spool per process).
+        outbox_dir = None if settings.outbox_path is None else os.path.dirname(os.path.abspath(settings.outbox_path))
+        self.spool = configure_spool(None if outbox_dir is None else os.path.join(outbox_dir, "trace-spool.db"))
         self.delivery = FeedbackDelivery(
             # Without feedback routes nothing is ever queued: no file to create.
             _open_outbox(settings.outbox_path if settings.feedback_path is not None else None),

@@ -19,6 +19,7 @@ import http.client
 import json
 import logging
 import threading
+import time
 import urllib.request
 from datetime import UTC, datetime
 from typing import Any
@@ -26,16 +27,23 @@ from urllib.parse import urlparse
 
 from mlflow.entities import Trace, TraceData
 from mlflow.entities.trace_info_v2 import _truncate_request_metadata, _truncate_tags
+from mlflow.exceptions import RestException
 from mlflow.protos.service_pb2 import StartTraceV3
 from mlflow.tracking.request_header.registry import resolve_request_headers
 from mlflow.utils.proto_json_utils import message_to_json
 from mlflow.utils.workspace_context import get_request_workspace
 
 from .export import export_losses
+from .server_watch import probe
+from .trace_spool import current_spool
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
 _START_TRACE_PATH = "/api/3.0/mlflow/traces"
+# After the server refused a connection, span batches go to the spool without trying for this long: MLflow's
+# client would retry each for minutes, holding an export thread while the queue behind it overflows.
+_DOWN_SECONDS = 30.0
+_UNREACHABLE = object()  # what _post returns when no connection could be made
 _TIMEOUT_SECONDS = 30.0
 _SPANS_LOCATION_TAG = "mlflow.trace.spansLocation"  # mlflow.tracing.constant.TraceTagKey.SPANS_LOCATION
 _TRACKING_STORE = "TRACKING_STORE"
@@ -110,6 +118,7 @@ class FastTraceInfoClient:
     def __init__(self, delegate: Any, uri: str, creds: Any, exporter: Any) -> None:
         self._delegate = delegate
         self._exporter = exporter
+        self._uri = uri
         parsed = urlparse(uri)
         self._https = parsed.scheme == "https"
         self._host = parsed.hostname or "localhost"
@@ -122,6 +131,7 @@ class FastTraceInfoClient:
         self._closed = False  # after exit: MLflow's client sends what is left, on no socket of ours
         self.fast_calls = 0  # trace infos sent on the fast path (for tests and diagnostics)
         self.delegated_calls = 0
+        self._down_at: float | None = None  # monotonic time the server last refused a connection
 
     @staticmethod
     def _fixed_headers(creds: Any) -> dict[str, str]:
@@ -156,8 +166,8 @@ class FastTraceInfoClient:
         for conn in connections:
             conn.close()
 
-    def _post(self, body: bytes) -> bytes | None:
-        """The response body of a 200, else None.
+    def _post(self, body: bytes) -> Any:
+        """The response body of a 200, `_UNREACHABLE` when no connection could be made, else None.
 
         A kept-alive connection the server has closed in the meantime fails on first use; the upsert is
         idempotent, so it is sent once more on a fresh connection.
@@ -168,13 +178,13 @@ class FastTraceInfoClient:
                 conn.request("POST", self._path, body=body, headers=self._headers)
                 response = conn.getresponse()
                 data = response.read()
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 self._local.conn = None
                 with self._lock:
                     self._connections.remove(conn)
                 if attempt:
-                    return None
+                    return _UNREACHABLE if isinstance(exc, ConnectionError | TimeoutError) else None
                 continue
             return data if response.status == 200 else None
         return None
@@ -190,7 +200,18 @@ class FastTraceInfoClient:
                 logger.debug("cannot build the StartTraceV3 body; MLflow's client sends it", exc_info=True)
             else:
                 data = self._post(body)
+        spool = current_spool()
+        if data is _UNREACHABLE and spool is not None:
+            # The server is down: keep the trace info for replay rather than let MLflow's client retry it
+            # for minutes and then drop it.
+            self._down_at = time.monotonic()
+            export_losses.count_failure()
+            spool.add_info(trace_info)
+            raise ConnectionError("the tracking server is unreachable; the trace info was spooled for replay")
+        if data is _UNREACHABLE:
+            data = None
         if data is not None:
+            self._down_at = None
             try:
                 stored = json.loads(data)["trace"]["trace_info"]
                 trace_info.tags.update({str(k): str(v) for k, v in stored.get("tags", {}).items()})
@@ -211,6 +232,35 @@ class FastTraceInfoClient:
         with self._lock:
             self.delegated_calls += 1
         return self._delegate.start_trace(trace_info)
+
+    def log_spans(self, location: str, spans: list[Any]) -> Any:
+        """MLflow's span batch upload; while the server is down (or when the upload fails without an answer
+        from it), the batch is spooled for replay instead of dropped."""
+        spool = current_spool()
+        down = self._down_at is not None and time.monotonic() - self._down_at < _DOWN_SECONDS
+        if spool is not None and down:
+            export_losses.count_failure()
+            spool.add_spans(location, spans)
+            raise ConnectionError("the tracking server is unreachable; the spans were spooled for replay")
+        try:
+            return self._delegate.log_spans(location, spans)
+        except RestException:
+            raise  # the server answered: MLflow's exporter knows what that means
+        except NotImplementedError:
+            # MLflow's client says "not supported" also when it could not reach the server to ask its
+            # version, and its exporter then stops logging spans to the tracking store for good. Only a
+            # server that answered may say so; an unreachable one is an outage.
+            if spool is None or probe(self._uri, 2.0) is None:
+                raise
+            self._down_at = time.monotonic()
+            export_losses.count_failure()
+            spool.add_spans(location, spans)
+            raise ConnectionError("the tracking server is unreachable; the spans were spooled for replay") from None
+        except Exception:
+            if spool is not None:
+                export_losses.count_failure()
+                spool.add_spans(location, spans)
+            raise
 
 
 def install_fast_trace_info_client(exporter: Any) -> FastTraceInfoClient | None:

@@ -24,9 +24,17 @@ from mlflow.entities import LiveSpan, MlflowExperimentLocation, SpanType
 from mlflow.exceptions import MlflowException
 
 from .distributed import continued_root
-from .export import export_losses, flush_exports, skip_absent_module_probes, speed_up_mlflow_exporter, use_otlp_export
+from .export import (
+    export_losses,
+    flush_exports,
+    skip_absent_module_probes,
+    speed_up_mlflow_exporter,
+    spool_unexported,
+    use_otlp_export,
+)
 from .server_watch import probe
 from .trace_info_client import close_fast_connections
+from .trace_spool import current_spool
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
@@ -291,7 +299,9 @@ class MlflowBackend:
         try:
             await asyncio.wait_for(self.run(flush_exports, timeout), timeout)
         except TimeoutError:
-            logger.warning("MLflow had not exported every trace within the %.0f s shutdown deadline", timeout)
+            spool = current_spool()
+            if spool is None or not spool_unexported(spool):
+                logger.warning("MLflow had not exported every trace within the %.0f s shutdown deadline", timeout)
         except Exception:
             logger.warning("could not flush MLflow's trace export", exc_info=True)
 

@@ -3,12 +3,15 @@ answer before MLflow has the trace, and votes whose trace lands after they were 
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from mlflow.tracing.client import TracingClient
 
 from mlflow_feedback_middleware import MlflowFeedbackMiddleware, RateLimit
 
@@ -134,3 +137,63 @@ def test_forwarded_addresses_count_only_from_trusted_proxies() -> None:
     assert RateLimit().address(conn("10.1.2.3", "1.2.3.4")) == "10.1.2.3"  # nobody trusted by default
     with pytest.raises(ValueError, match="trusted_proxies"):
         RateLimit(trusted_proxies=("not-an-address",))
+
+
+def test_traces_served_during_an_outage_and_a_restart_are_spooled_then_stored(tmp_path: Path) -> None:
+    """The tracking server goes away; the app keeps answering (with trace IDs). MLflow's exporter would drop
+    those traces; they are spooled beside the outbox instead, counted as export failures, and the app is
+    restarted (SIGTERM) in the middle of it. When the server is back, the new process replays the spool:
+    every trace served is stored, with its spans."""
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    kwargs = {"experiment_name": "outage", "outbox_path": str(tmp_path / "outbox.db"), "shutdown_timeout_seconds": 5}
+    env = {"MLFLOW_TRACKING_URI": server.url}
+    served: list[str] = []
+    try:
+        with AppProcess(tmp_path, env, kwargs) as app:
+            served += [httpx.post(f"{app.url}/chat", json={"message": "before"}, timeout=30).headers[TRACE_HEADER]]
+            server.stop()
+            for _ in range(6):
+                answer = httpx.post(f"{app.url}/chat", json={"message": "during"}, timeout=30)
+                served.append(answer.headers[TRACE_HEADER])
+
+            def spooled() -> dict[str, Any] | None:
+                health = outbox_health(app)
+                return health if (health["trace_spool"] or {}).get("spooled_traces_by_this_process", 0) >= 6 else None
+
+            health = wait_until(spooled, 60, "the traces were spooled")
+            assert health["export_failures"] >= 6  # counted, not only logged
+        server.start()  # same port, same store
+        with AppProcess(tmp_path, env, kwargs) as restarted:
+            wait_until(lambda: outbox_health(restarted)["trace_spool"]["pending_parts"] == 0, 90, "the spool drained")
+        client = TracingClient(tracking_uri=server.url)
+
+        def stored(trace_id: str) -> bool:
+            try:
+                trace = client.get_trace(trace_id)
+            except Exception:
+                return False
+            return trace is not None and any(span.name == "POST /chat" for span in trace.data.spans)
+
+        for trace_id in served:
+            wait_until(lambda trace_id=trace_id: stored(trace_id), 60, f"trace {trace_id} is stored")
+    finally:
+        server.stop()
+
+
+def test_the_spool_is_bounded_and_counts_what_it_drops(tmp_path: Path) -> None:
+    from mlflow.entities import TraceInfo, TraceLocation, TraceState
+
+    from mlflow_feedback_middleware.trace_spool import TraceSpool
+
+    spool = TraceSpool(str(tmp_path / "spool.db"), max_bytes=2_000)
+    location, metadata = TraceLocation.from_experiment_id("1"), {"x": "y" * 300}
+    infos = [TraceInfo(f"tr-{i:032x}", location, 0, TraceState.OK, trace_metadata=metadata) for i in range(10)]
+    kept = [spool.add_info(info) for info in infos]
+    stats = spool.stats()
+    assert 0 < sum(kept) < 10
+    assert stats["spooled_traces_by_this_process"] == sum(kept)
+    assert stats["dropped_traces_by_this_process"] == 10 - sum(kept)
+    assert stats["bytes"] <= 2_000
+    assert stat.S_IMODE(os.stat(tmp_path / "spool.db").st_mode) == 0o600
