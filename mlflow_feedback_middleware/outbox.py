@@ -16,13 +16,11 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .feedback_models import Assessment
+from .sqlite_files import create_private, immediate
 
 LEASE_SECONDS = 30.0
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
@@ -118,19 +116,6 @@ def public_error(state: str, error: str | None) -> str | None:
     return "the tracking server refused this feedback" if state == FAILED else "waiting for the tracking server"
 
 
-def _create_private(path: str) -> None:
-    """Create the outbox file with mode 0600, or make an existing one 0600.
-
-    An existing file is never opened here: closing any descriptor of a file drops every POSIX lock this
-    process holds on it, and sqlite's locks (another middleware of this process may hold them) are those.
-    """
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except FileExistsError:
-        with contextlib.suppress(OSError):  # another user's file: theirs to protect
-            os.chmod(path, 0o600)
-
-
 def _owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -154,8 +139,7 @@ class Outbox:
         if self.path is not None:
             # Comments and user IDs are nobody else's to read: the folder and files are the owner's only
             # (sqlite gives its -wal and -shm files the database file's mode).
-            Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _create_private(self.path)
+            create_private(self.path)
         # One connection, serialised by a lock: sqlite's own locking then orders us against other processes.
         self._conn = sqlite3.connect(
             self.path or ":memory:", timeout=10.0, isolation_level=None, check_same_thread=False
@@ -180,16 +164,8 @@ class Outbox:
                 if column not in present:
                     self._conn.execute(f"ALTER TABLE feedback_outbox ADD COLUMN {column} {definition}")
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate(self._conn, self._lock)
 
     def close(self) -> None:
         """Close the file; the outbox is unusable afterwards."""
@@ -364,14 +340,8 @@ class Outbox:
         """Share traces this process issued, (trace ID, client request ID, chosen by the client), with every
         process using this outbox file."""
         rows = [(trace_id, destination, crid, int(chosen), now) for trace_id, crid, chosen in issued]
-        with self._shared_lock:
-            self._shared.execute("BEGIN IMMEDIATE")
-            try:
-                self._shared.executemany("INSERT OR IGNORE INTO issued_traces VALUES (?,?,?,?,?)", rows)
-            except BaseException:
-                self._shared.execute("ROLLBACK")
-                raise
-            self._shared.execute("COMMIT")
+        with immediate(self._shared, self._shared_lock) as db:
+            db.executemany("INSERT OR IGNORE INTO issued_traces VALUES (?,?,?,?,?)", rows)
 
     def issued(self, destination: str, trace_id: str | None, client_request_id: str | None) -> list[sqlite3.Row]:
         """The issued-trace records for a trace ID or a client request ID (two or more: the ID is ambiguous)."""

@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
+
+from .sqlite_files import create_private, immediate
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
@@ -48,9 +47,7 @@ class TraceSpool:
         self.path = path
         self.max_bytes = max_bytes
         if path is not None:
-            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):  # never open an existing file: see outbox._create_private
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            create_private(path)
         self._conn = sqlite3.connect(path or ":memory:", timeout=10.0, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         if path is not None:
@@ -63,16 +60,8 @@ class TraceSpool:
         self.replayed_traces = 0
         self.dropped_traces = 0  # over the budget: counted, not kept
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate(self._conn, self._lock)
 
     def add(self, kind: str, location: str, payload: Any, traces: int) -> bool:
         """Keep one part (`kind` "spans" or "info") for `traces` traces; False when over the budget."""
