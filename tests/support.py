@@ -3,12 +3,14 @@ httpx or a real uvicorn server, and readers of what landed in MLflow."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -89,15 +91,25 @@ def full_mlflow_python() -> Path:
 
 
 class MlflowServer:
-    """A `mlflow server` process with a sqlite store, which tests may stop and start again."""
+    """A `mlflow server` process with a sqlite store (or `backend_store_uri`), which tests may stop and
+    start again."""
 
-    def __init__(self, workdir: Path, app_name: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        app_name: str | None = None,
+        env: dict[str, str] | None = None,
+        backend_store_uri: str | None = None,
+        workers: int = 1,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self._app_name = app_name  # e.g. "basic-auth"
         self._env = env or {}
+        self._store = backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+        self._workers = workers
 
     def start(self, timeout: float = 120.0) -> None:
         log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - kept open for the child
@@ -106,7 +118,7 @@ class MlflowServer:
                 *_server_command(),
                 "server",
                 "--backend-store-uri",
-                f"sqlite:///{self.workdir / 'mlflow.db'}",
+                self._store,
                 "--default-artifact-root",
                 str(self.workdir / "artifacts"),
                 "--host",
@@ -114,7 +126,7 @@ class MlflowServer:
                 "--port",
                 str(self.port),
                 "--workers",
-                "1",
+                str(self._workers),
                 *(["--app-name", self._app_name] if self._app_name else []),
             ],
             cwd=self.workdir,
@@ -135,10 +147,11 @@ class MlflowServer:
             time.sleep(0.25)
         raise RuntimeError(f"mlflow server did not start in {timeout}s; see {self.workdir / 'server.log'}")
 
-    def stop(self) -> None:
+    def stop(self, signal: int = 15) -> None:
+        """Stop the server (SIGTERM, or e.g. SIGKILL as a crash would)."""
         if self.process is None:
             return
-        os.killpg(self.process.pid, 15)
+        os.killpg(self.process.pid, signal)
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -214,11 +227,46 @@ class UvicornThread:
         self.thread.join(timeout=30)
 
 
+class PostgresCluster:
+    """A throwaway PostgreSQL server (Debian's binaries, run as the `postgres` user) on a free port, with a
+    database for MLflow; skips the test without one, unless CI requires it (REQUIRE_POSTGRES)."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not found or shutil.which("runuser") is None:
+            assert not os.environ.get("REQUIRE_POSTGRES"), "PostgreSQL is required here (.ci/run installs it)"
+            pytest.skip("Debian's postgresql is not installed")
+        self._bin = found[-1].parent
+        # Its own folder: the server runs as `postgres`, which cannot enter pytest's root-only temp folders.
+        self.workdir = Path(tempfile.mkdtemp(prefix="mlflow-feedback-pg-"))
+        self.port = free_port()
+        self.uri = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/mlflow"
+
+    def _as_postgres(self, *command: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> PostgresCluster:
+        shutil.chown(self.workdir, "postgres")
+        data = str(self.workdir / "data")
+        self._as_postgres(str(self._bin / "initdb"), "-D", data, "--auth=trust", "-U", "postgres")
+        options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        self._as_postgres(str(self._bin / "pg_ctl"), "-D", data, "-o", options, "-l", f"{data}.log", "-w", "start")
+        psql = [str(self._bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port)]
+        self._as_postgres(*psql, "-c", "CREATE DATABASE mlflow")
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._as_postgres(str(self._bin / "pg_ctl"), "-D", str(self.workdir / "data"), "-m", "fast", "stop")
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 class AppProcess:
     """The test app under a real uvicorn in its own process, which tests may kill like a crash would."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], kwargs: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], kwargs: dict[str, Any], workers: int = 1) -> None:
         self.workdir = workdir
+        self._workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))}
@@ -229,7 +277,7 @@ class AppProcess:
         log = open(self.workdir / f"app-{self.port}.log", "ab")
         command = [sys.executable, "-m", "uvicorn", "--factory", "tests.apps:app_from_env", "--host", "127.0.0.1"]
         self.process = subprocess.Popen(
-            [*command, "--port", str(self.port), "--log-level", "warning"],
+            [*command, "--port", str(self.port), "--log-level", "warning", "--workers", str(self._workers)],
             cwd=ROOT,
             env=self.env,
             stdout=log,

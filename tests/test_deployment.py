@@ -4,6 +4,7 @@ answer before MLflow has the trace, and votes whose trace lands after they were 
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import threading
 from pathlib import Path
@@ -14,9 +15,10 @@ import pytest
 from mlflow.tracing.client import TracingClient
 
 from mlflow_feedback_middleware import MlflowFeedbackMiddleware, RateLimit
+from mlflow_feedback_middleware.feedback_writer import FEEDBACK_ID_KEY
 
 from .apps import build_app
-from .support import AppProcess, MlflowServer, client_for, get_trace, wait_until
+from .support import AppProcess, MlflowServer, PostgresCluster, client_for, get_trace, wait_until
 from .test_no_loss import outbox_health
 from .test_security import SECRET, TOKEN_HEADER
 
@@ -197,3 +199,67 @@ def test_the_spool_is_bounded_and_counts_what_it_drops(tmp_path: Path) -> None:
     assert stats["dropped_traces_by_this_process"] == 10 - sum(kept)
     assert stats["bytes"] <= 2_000
     assert stat.S_IMODE(os.stat(tmp_path / "spool.db").st_mode) == 0o600
+
+
+def test_two_workers_on_a_postgres_server_lose_nothing_across_a_server_kill_and_an_app_restart(
+    tmp_path: Path,
+) -> None:
+    """The deployment of the issue: MLflow's server on PostgreSQL with 4 workers, the app under uvicorn with
+    2 workers sharing one outbox. Answers and votes go through fresh connections (so through both workers),
+    before, during and after a SIGKILL of the tracking server; then the app is restarted (SIGTERM). Every
+    served trace is stored, every accepted vote exactly once."""
+    (tmp_path / "server").mkdir()
+    postgres = PostgresCluster().start()
+    server = MlflowServer(tmp_path / "server", backend_store_uri=postgres.uri, workers=4)
+    kwargs = {
+        "experiment_name": "deployment",
+        "outbox_path": str(tmp_path / "outbox.db"),
+        "shutdown_timeout_seconds": 10,
+    }
+    served: list[str] = []
+    votes: list[tuple[str, str]] = []
+
+    def serve_and_vote(app: AppProcess, count: int) -> None:
+        for i in range(count):
+            answer = httpx.post(f"{app.url}/chat", json={"message": f"question {i}"}, timeout=60)
+            served.append(answer.headers[TRACE_HEADER])
+            vote = httpx.post(f"{app.url}/feedback?trace_id={served[-1]}", json={"is_correct": i % 2 == 0}, timeout=60)
+            assert vote.status_code in (200, 202), vote.text
+            votes.append((served[-1], vote.json()["feedback_id"]))
+
+    try:
+        server.start(timeout=240)
+        env = {"MLFLOW_TRACKING_URI": server.url}
+        with AppProcess(tmp_path, env, kwargs, workers=2) as app:
+            serve_and_vote(app, 20)
+            server.stop(signal.SIGKILL)
+            serve_and_vote(app, 10)  # answered, traced and accepted while the server is gone
+            server.start(timeout=240)
+            serve_and_vote(app, 10)
+        with AppProcess(tmp_path, env, kwargs, workers=2) as restarted:
+
+            def drained() -> bool:
+                health = outbox_health(restarted)
+                return health["outbox"]["pending"] == 0 and health["trace_spool"]["pending_parts"] == 0
+
+            wait_until(drained, 240, "the outbox and the trace spool drained")
+        client = TracingClient(tracking_uri=server.url)
+
+        def stored(trace_id: str) -> Any:
+            try:
+                trace = client.get_trace(trace_id)
+            except Exception:
+                return None
+            return trace if trace is not None and any(s.name == "POST /chat" for s in trace.data.spans) else None
+
+        for trace_id, feedback_id in votes:
+            trace = wait_until(lambda trace_id=trace_id: stored(trace_id), 120, f"trace {trace_id} is stored")
+            mine = [
+                a for a in trace.info.assessments if (a.metadata or {}).get(FEEDBACK_ID_KEY, "").startswith(feedback_id)
+            ]
+            assert len(mine) == 1, (trace_id, feedback_id, trace.info.assessments)
+            assert [a.name for a in trace.info.assessments] == ["user_feedback"]  # nothing twice
+        assert len(set(served)) == len(served) == 40
+    finally:
+        server.stop()
+        postgres.stop()
