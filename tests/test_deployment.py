@@ -69,6 +69,15 @@ def test_a_vote_on_the_other_worker_waits_for_a_trace_exported_late(
         assert assessments[0].metadata["mlflow_feedback.feedback_id"] == feedback_id + "/0"
 
 
+def stored_trace(client: TracingClient, trace_id: str) -> Any:
+    """The trace with its request's root span, once the tracking server has both; else None."""
+    try:
+        trace = client.get_trace(trace_id)
+    except Exception:
+        return None
+    return trace if trace is not None and any(span.name == "POST /chat" for span in trace.data.spans) else None
+
+
 def _middleware(app: Any) -> MlflowFeedbackMiddleware:
     layer = app.middleware_stack
     while not isinstance(layer, MlflowFeedbackMiddleware):
@@ -170,16 +179,8 @@ def test_traces_served_during_an_outage_and_a_restart_are_spooled_then_stored(tm
         with AppProcess(tmp_path, env, kwargs) as restarted:
             wait_until(lambda: outbox_health(restarted)["trace_spool"]["pending_parts"] == 0, 90, "the spool drained")
         client = TracingClient(tracking_uri=server.url)
-
-        def stored(trace_id: str) -> bool:
-            try:
-                trace = client.get_trace(trace_id)
-            except Exception:
-                return False
-            return trace is not None and any(span.name == "POST /chat" for span in trace.data.spans)
-
         for trace_id in served:
-            wait_until(lambda trace_id=trace_id: stored(trace_id), 60, f"trace {trace_id} is stored")
+            wait_until(lambda trace_id=trace_id: stored_trace(client, trace_id), 60, f"trace {trace_id} is stored")
     finally:
         server.stop()
 
@@ -244,16 +245,10 @@ def test_two_workers_on_a_postgres_server_lose_nothing_across_a_server_kill_and_
 
             wait_until(drained, 240, "the outbox and the trace spool drained")
         client = TracingClient(tracking_uri=server.url)
-
-        def stored(trace_id: str) -> Any:
-            try:
-                trace = client.get_trace(trace_id)
-            except Exception:
-                return None
-            return trace if trace is not None and any(s.name == "POST /chat" for s in trace.data.spans) else None
-
         for trace_id, feedback_id in votes:
-            trace = wait_until(lambda trace_id=trace_id: stored(trace_id), 120, f"trace {trace_id} is stored")
+            trace = wait_until(
+                lambda trace_id=trace_id: stored_trace(client, trace_id), 120, f"trace {trace_id} is stored"
+            )
             mine = [
                 a for a in trace.info.assessments if (a.metadata or {}).get(FEEDBACK_ID_KEY, "").startswith(feedback_id)
             ]
