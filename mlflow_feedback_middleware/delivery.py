@@ -91,6 +91,10 @@ class FeedbackDelivery:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # Items leased to this process and not settled yet: their leases are renewed while a call to MLflow
+        # runs (its client retries for minutes), so no other worker takes one over and writes it twice.
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[tuple[str, Item]]]] = {}
         self._waiters_lock = threading.Lock()
@@ -110,6 +114,7 @@ class FeedbackDelivery:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mlflow-feedback-outbox", daemon=True)
                 self._thread.start()
+                threading.Thread(target=self._renew_leases, name="mlflow-feedback-leases", daemon=True).start()
                 atexit.register(self._at_exit)
 
     def wake(self) -> None:
@@ -130,6 +135,8 @@ class FeedbackDelivery:
                 self._pass(deadline, everything=True)
         finally:
             self.outbox.release_mine()
+            with self._held_lock:
+                self._held.clear()
         atexit.unregister(self._at_exit)
         if self._thread is not None and not self._thread.is_alive():
             # Stopped for good: a lifespan that starts again (a test client entered twice) restarts it.
@@ -162,8 +169,22 @@ class FeedbackDelivery:
         """
         earlier = self.outbox.add(item, LEASE_SECONDS)
         if earlier is None:
+            self._hold([item.id])
             self.wake()
         return earlier
+
+    def _hold(self, item_ids: list[str]) -> None:
+        with self._held_lock:
+            self._held.update(item_ids)
+
+    def _renew_leases(self) -> None:
+        while not self._stopping.wait(LEASE_SECONDS / 3):
+            with self._held_lock:
+                held = list(self._held)
+            try:
+                self.outbox.extend_leases(held)
+            except Exception:
+                logger.debug("could not renew the outbox leases", exc_info=True)
 
     def expect(self, item_id: str, loop: asyncio.AbstractEventLoop) -> asyncio.Future[tuple[str, Item]]:
         """A future resolved (on `loop`) with the outcome of the item's first decisive attempt:
@@ -243,6 +264,8 @@ class FeedbackDelivery:
 
     def settle(self, item: Item, outcome: str) -> None:
         """Save an attempted item, schedule it again if it is still pending, and tell its request."""
+        with self._held_lock:
+            self._held.discard(item.id)  # saved below without a lease, or finished
         if outcome == WAITING:
             age = time.time() - (item.not_found_since or time.time())
             self.outbox.save(item, next_at=time.time() + min(max(age / 4, 0.25), 5.0))
@@ -414,6 +437,7 @@ class FeedbackDelivery:
             items = self.outbox.claim(self.destination, _BATCH, everything, after=last_seq)
             if not items:
                 break
+            self._hold([item.id for item in items])
             for index, item in enumerate(items):
                 last_seq = item.seq
                 outcome = self.attempt(item)
@@ -423,6 +447,8 @@ class FeedbackDelivery:
                 if outcome == UNAVAILABLE:  # keep the order: nothing after it goes first
                     for rest in items[index + 1 :]:
                         self.outbox.save(rest, next_at=time.time())
+                        with self._held_lock:
+                            self._held.discard(rest.id)
                     return self._server.backoff()
         due = self.outbox.next_due(self.destination)
         return _POLL_SECONDS if due is None else min(max(due - time.time(), 0.05), _POLL_SECONDS)

@@ -263,6 +263,17 @@ class Outbox:
             )
         return items
 
+    def extend_leases(self, item_ids: list[str]) -> None:
+        """Keep holding items this process is still working on (a call to MLflow may take minutes)."""
+        if not item_ids:
+            return
+        marks = ",".join("?" * len(item_ids))
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE feedback_outbox SET lease_until=? WHERE owner=? AND state='pending' AND id IN ({marks})",
+                (time.time() + LEASE_SECONDS, self.owner, *item_ids),
+            )
+
     def release_dead_owners(self) -> int:
         """Free the leases of processes on this host that no longer run; how many items were freed."""
         host = socket.gethostname()
