@@ -266,7 +266,7 @@ class FeedbackDelivery:
         """Save an attempted item, schedule it again if it is still pending, and tell its request."""
         with self._held_lock:
             self._held.discard(item.id)  # saved below without a lease, or finished
-        if outcome == WAITING:
+        if outcome in (WAITING, VOUCHED):  # VOUCHED is still waiting for its trace; its request hears of it
             age = time.time() - (item.not_found_since or time.time())
             self.outbox.save(item, next_at=time.time() + min(max(age / 4, 0.25), 5.0))
         elif outcome == UNAVAILABLE:
