@@ -36,12 +36,15 @@ def provider(mlflow_server: MlflowServer) -> Iterator[str]:
         yield server.url
 
 
-def openai_client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
+@pytest.fixture
+def openai_sync(provider: str) -> Iterator[openai.OpenAI]:
+    """An openai client for the provider, closed after the test (its connections are the test's own)."""
+    with openai.OpenAI(base_url=provider + "/v1", api_key="sk-test", max_retries=0) as client:
+        yield client
 
 
-def test_openai_chat_stream_readme_loop_yields_exactly_the_answer(provider: str) -> None:
-    client = openai_client(provider)
+def test_openai_chat_stream_readme_loop_yields_exactly_the_answer(openai_sync: openai.OpenAI) -> None:
+    client = openai_sync
     stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
     pieces = []
     for chunk in stream:  # the loop from openai-python's README
@@ -52,14 +55,16 @@ def test_openai_chat_stream_readme_loop_yields_exactly_the_answer(provider: str)
 
 @pytest.mark.anyio
 async def test_openai_async_chat_stream_yields_exactly_the_answer(provider: str) -> None:
-    client = openai.AsyncOpenAI(base_url=provider + "/v1", api_key="sk-test", max_retries=0)
-    stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
-    pieces = [chunk.choices[0].delta.content or "" async for chunk in stream]
+    # Closed here, on this test's loop: an unclosed async client is closed by the garbage collector later,
+    # on whatever loop is running then, and fails there.
+    async with openai.AsyncOpenAI(base_url=provider + "/v1", api_key="sk-test", max_retries=0) as client:
+        stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        pieces = [chunk.choices[0].delta.content or "" async for chunk in stream]
     assert "".join(pieces) == ANSWER
 
 
-def test_openai_stream_helper_and_raw_response_give_the_answer_and_the_trace_id(provider: str) -> None:
-    client = openai_client(provider)
+def test_openai_stream_helper_and_raw_response_give_the_answer_and_the_trace_id(openai_sync: openai.OpenAI) -> None:
+    client = openai_sync
     with client.chat.completions.stream(model="m", messages=MESSAGES) as stream:  # type: ignore[arg-type]
         kinds = {event.type for event in stream}
         final = stream.get_final_completion()
@@ -87,8 +92,8 @@ def test_openai_stream_helper_and_raw_response_give_the_answer_and_the_trace_id(
     assert root.attributes["http.response.wire_format"] == "openai-chat-completions"
 
 
-def test_openai_non_streamed_completion_and_its_trace(provider: str) -> None:
-    raw = openai_client(provider).chat.completions.with_raw_response.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+def test_openai_non_streamed_completion_and_its_trace(openai_sync: openai.OpenAI) -> None:
+    raw = openai_sync.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
     completion = raw.parse()
     assert completion.choices[0].message.content == ANSWER
     root = root_span(get_trace(raw.headers[TRACE_HEADER]))
@@ -96,8 +101,8 @@ def test_openai_non_streamed_completion_and_its_trace(provider: str) -> None:
     assert root.inputs["model"] == "m"
 
 
-def test_openai_responses_stream_has_only_the_providers_events(provider: str) -> None:
-    client = openai_client(provider)
+def test_openai_responses_stream_has_only_the_providers_events(openai_sync: openai.OpenAI) -> None:
+    client = openai_sync
     events = list(client.responses.create(model="m", input="Say hello", stream=True))
     kinds = [event.type for event in events]
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
@@ -108,8 +113,14 @@ def test_openai_responses_stream_has_only_the_providers_events(provider: str) ->
     assert text == ANSWER and final.output_text == ANSWER
 
 
-def test_anthropic_stream_has_only_the_providers_events(provider: str) -> None:
-    client = anthropic.Anthropic(base_url=provider, api_key="sk-ant-test", max_retries=0)
+@pytest.fixture
+def anthropic_sync(provider: str) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=provider, api_key="sk-ant-test", max_retries=0) as client:
+        yield client
+
+
+def test_anthropic_stream_has_only_the_providers_events(anthropic_sync: anthropic.Anthropic) -> None:
+    client = anthropic_sync
     events = list(client.messages.create(model="c", max_tokens=64, messages=MESSAGES, stream=True))  # type: ignore[arg-type]
     kinds = [event.type for event in events]
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
