@@ -128,7 +128,7 @@ class FastTraceInfoClient:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[http.client.HTTPConnection] = []  # every thread's, so they can be closed
-        self._closed = False  # after exit: MLflow's client sends what is left, on no socket of ours
+        self._closed = False  # after the exit hook: each call on a connection of its own, closed after it
         self.fast_calls = 0  # trace infos sent on the fast path (for tests and diagnostics)
         self.delegated_calls = 0
         self._down_at: float | None = None  # monotonic time the server last refused a connection
@@ -186,6 +186,11 @@ class FastTraceInfoClient:
                 if attempt:
                     return _UNREACHABLE if isinstance(exc, ConnectionError | TimeoutError) else None
                 continue
+            if self._closed:  # at exit: nothing may stay open for the garbage collector to warn about
+                conn.close()
+                self._local.conn = None
+                with self._lock:
+                    self._connections.remove(conn)
             return data if response.status == 200 else None
         return None
 
@@ -193,7 +198,7 @@ class FastTraceInfoClient:
         """Upsert the trace info; returns it with the tags the server added (as MLflow's client does)."""
         data = None
         # A workspace (header per request) is MLflow's client's business.
-        if not self._closed and not get_request_workspace():
+        if not get_request_workspace():
             try:
                 body = start_trace_body(trace_info).encode()
             except Exception:  # MLflow's entities changed under us: its own client knows them
