@@ -233,10 +233,19 @@ class FastTraceInfoClient:
             with self._lock:
                 self.fast_calls += 1
             return trace_info
-        # Refused, failed or not understood: MLflow's client retries and reports it as it always does.
+        # Refused, failed or not understood: MLflow's client retries and reports it as it always does; if it
+        # gives up too, the trace info is spooled for replay rather than dropped.
         with self._lock:
             self.delegated_calls += 1
-        return self._delegate.start_trace(trace_info)
+        try:
+            return self._delegate.start_trace(trace_info)
+        except RestException:
+            raise  # the server answered and refused it: replaying would not change its mind
+        except Exception:
+            if spool is not None:
+                export_losses.count_failure()
+                spool.add_info(trace_info)
+            raise
 
     def log_spans(self, location: str, spans: list[Any]) -> Any:
         """MLflow's span batch upload; while the server is down (or when the upload fails without an answer
