@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
@@ -110,11 +110,22 @@ class FeedbackRoutes:
         self._tokens = tokens
         self._schema = settings.feedback_schema
         self._token_header = settings.feedback_token_header
-        limit, header = settings.rate_limit, settings.feedback_token_header
-        self._limiter = RateLimiter(limit, header) if limit is not None else None
+        limit, answer_of = settings.rate_limit, self._signed_answer if tokens is not None else None
+        self._limiter = RateLimiter(limit, answer_of) if limit is not None else None
         # Reads (status, health, schema, summary) get their own bucket of the same size: a client polling
         # its vote's status never uses up its votes.
-        self._read_limiter = RateLimiter(limit, header) if limit is not None else None
+        self._read_limiter = RateLimiter(limit, answer_of) if limit is not None else None
+
+    def _signed_answer(self, conn: HTTPConnection) -> str | None:
+        """The answer a request's feedback token (header) was signed for; None without a valid one."""
+        token = conn.headers.get(self._token_header)
+        if not token or self._tokens is None:
+            return None
+        try:
+            grant = self._tokens.verify(token)
+        except TokenError:
+            return None
+        return f"{grant.trace_id}\n{grant.client_request_id}"
 
     def handles(self, path: str) -> bool:
         """Whether `path` belongs to the feedback routes."""

@@ -54,8 +54,8 @@ def _in(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
 class RateLimit:
     """A token bucket per client: `burst` requests at once, refilled at `per_second`.
 
-    Who "a client" is: `key(conn)` when given; else the feedback token the request carries (one bucket per
-    answer: behind a proxy or NAT, users never share one), else the user `AuthenticationMiddleware`
+    Who "a client" is: `key(conn)` when given; else the valid feedback token the request carries (one bucket
+    per answer: behind a proxy or NAT, users never share one), else the user `AuthenticationMiddleware`
     authenticated, else the IP address. `trusted_proxies` (addresses or networks, e.g. ``"10.0.0.0/8"``)
     are the only peers whose ``X-Forwarded-For`` is believed: the client is then the right-most address
     in it that is not itself a trusted proxy.
@@ -90,13 +90,14 @@ class RateLimit:
                 return hop
         return peer
 
-    def client_of(self, conn: HTTPConnection, token_header: str) -> str:
-        """The bucket a request draws from (see the class docstring)."""
+    def client_of(self, conn: HTTPConnection, answer_of: Callable[[HTTPConnection], str | None] | None) -> str:
+        """The bucket a request draws from (see the class docstring). `answer_of` names the answer a request's
+        feedback token was signed for, or None for no valid token: a made-up token never earns a bucket."""
         if self.key is not None:
             return self.key(conn)
-        token = conn.headers.get(token_header)
-        if token:
-            return "token:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        answer = answer_of(conn) if answer_of is not None else None
+        if answer is not None:
+            return "token:" + hashlib.sha256(answer.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         user = conn.scope.get("user")
         if user is not None and getattr(user, "is_authenticated", False):
             return "user:" + str(getattr(user, "display_name", "") or getattr(user, "identity", ""))
@@ -106,16 +107,16 @@ class RateLimit:
 class RateLimiter:
     """Applies a `RateLimit`; thread-safe, O(1) per request, memory bounded by `max_clients`."""
 
-    def __init__(self, limit: RateLimit, token_header: str = "X-MLflow-Feedback-Token") -> None:
+    def __init__(self, limit: RateLimit, answer_of: Callable[[HTTPConnection], str | None] | None = None) -> None:
         self.limit = limit
-        self._token_header = token_header
+        self._answer_of = answer_of
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
         self._lock = threading.Lock()
 
     def take(self, conn: HTTPConnection, now: float | None = None) -> float:
         """Spend one token for the client of `conn`: 0.0 if allowed, else seconds until one is available."""
         limit = self.limit
-        key = limit.client_of(conn, self._token_header)
+        key = limit.client_of(conn, self._answer_of)
         now = time.monotonic() if now is None else now
         with self._lock:
             tokens, at = self._buckets.pop(key, (float(limit.burst), now))

@@ -265,3 +265,20 @@ def test_two_workers_on_a_postgres_server_lose_nothing_across_a_server_kill_and_
     finally:
         server.stop()
         postgres.stop()
+
+
+@pytest.mark.parametrize("secret", [SECRET, None])
+@pytest.mark.anyio
+async def test_made_up_tokens_never_buy_a_fresh_rate_limit_bucket(experiment_name: str, secret: str | None) -> None:
+    """Keyed by token only when the token is valid: a flood with a new invented token per request stays
+    in the sender's IP bucket."""
+    limit = RateLimit(per_second=0.01, burst=2)
+    app = build_app(experiment_name=experiment_name, feedback_secret=secret, rate_limit=limit)
+    async with client_for(app) as client:
+        statuses = [
+            (
+                await client.post("/feedback", json={"is_correct": True}, headers={TOKEN_HEADER: f"v1.made-up-{i}.x"})
+            ).status_code
+            for i in range(4)
+        ]
+    assert statuses[2:] == [429, 429], statuses
