@@ -133,7 +133,7 @@ class ExportLosses:
         try:
             from mlflow.tracing.provider import _get_span_processor, _get_trace_exporter
 
-            export_queue = getattr(getattr(_get_trace_exporter(), "_async_queue", None), "_queue", None)
+            export_queue = _export_queue(_get_trace_exporter())
             if type(export_queue) is queue.Queue:
                 export_queue.__class__ = self._counting_queue()
                 self.watching = True
@@ -203,6 +203,11 @@ class ExportLosses:
 export_losses = ExportLosses()
 
 
+def _export_queue(exporter: Any) -> Any:
+    """The task queue of MLflow's async exporter (`exporter._async_queue._queue`), or None."""
+    return getattr(getattr(exporter, "_async_queue", None), "_queue", None)
+
+
 def spool_unexported(spool: Any) -> int:
     """Move what MLflow's export queue still holds into `spool` (at shutdown, after the flush deadline):
     trace infos of trace tasks, span batches of span tasks. Returns the traces spooled. Never raises."""
@@ -210,7 +215,7 @@ def spool_unexported(spool: Any) -> int:
     try:
         from mlflow.tracing.provider import _get_trace_exporter
 
-        export_queue = getattr(getattr(_get_trace_exporter(), "_async_queue", None), "_queue", None)
+        export_queue = _export_queue(_get_trace_exporter())
         while export_queue is not None:
             try:
                 task = export_queue.get_nowait()

@@ -82,11 +82,6 @@ class RecentTraces:
         with self._lock:
             return trace_id in self._open
 
-    def trace_for(self, client_request_id: str) -> str | None:
-        """The trace issued for `client_request_id`, if this process issued it recently (and only once)."""
-        with self._lock:
-            return self._by_request_id.get(client_request_id)
-
     def lookup(self, client_request_id: str) -> RequestLookup:
         """Everything this process knows of `client_request_id`."""
         with self._lock:

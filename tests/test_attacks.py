@@ -159,19 +159,21 @@ async def test_a_client_chosen_request_id_never_says_whose_answer_a_vote_is_for(
         by_own_id = await client.post(
             f"/feedback?client_request_id={ours.headers['x-request-id']}", json={"is_correct": True}
         )
-        await answer(client, **{"X-Request-ID": "545"})
-        await answer(client, **{"X-Request-ID": "545"})  # the same ID for a second request
+        twice = [await answer(client, **{"X-Request-ID": "545"}) for _ in range(2)]  # one ID, two requests
         ambiguous = await client.post("/feedback?client_request_id=545", json={"is_correct": True})
     assert by_attacker.status_code == 403 and by_attacker.json()["errors"][0]["field"] == "client_request_id"
     assert by_own_id.status_code in (200, 202), by_own_id.text
     assert ambiguous.status_code == 409
     assert not human_feedback(victim.headers[TRACE_HEADER])
-    # Another worker (a fresh middleware) knows only what the tracking server says: the same answers.
+    # Another worker (a fresh middleware) knows only what the tracking server says: the same answers, once
+    # it has every trace concerned (with one of the two "545" traces it would see no ambiguity yet).
+    for response in (victim, *twice):
+        get_trace(response.headers[TRACE_HEADER])
     async with client_for(build_app(experiment_name=experiment_name, feedback_wait_seconds=5)) as other:
         elsewhere = await other.post("/feedback?client_request_id=544", json={"is_correct": False})
-        twice = await other.post("/feedback?client_request_id=545", json={"is_correct": False})
+        ambiguous_elsewhere = await other.post("/feedback?client_request_id=545", json={"is_correct": False})
     assert elsewhere.status_code == 403, elsewhere.text
-    assert twice.status_code == 409, twice.text
+    assert ambiguous_elsewhere.status_code == 409, ambiguous_elsewhere.text
 
 
 # -- cross-site votes, vote stuffing, tokens ---------------------------------------------------------
