@@ -6,7 +6,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # The JavaScript LLM clients (openai, Vercel AI SDK) the tests drive, where npm is installed.
 NODE_CLIENTS := $(if $(shell command -v npm 2>/dev/null),tests/node/node_modules/.ready)
 
-.PHONY: demo test ui bench bench-report bench-deployment fastapi-suite clean
+.PHONY: demo test ui bench bench-report bench-deployment bench-ingest fastapi-suite clean
 
 .venv/.ready: pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -52,6 +52,10 @@ bench-report: .venv/.ready .venv-mlflow/.ready
 ## fastapi-suite: FastAPI's own tutorial tests with the middleware injected into every app, against the same without
 fastapi-suite: .venv-mlflow/.ready
 	$(PYTHON) integration/fastapi_suite.py $(SUITE_ARGS)
+
+## bench-ingest: traces/s and server CPU per trace of a PostgreSQL-backed tracking server, per export mode
+bench-ingest: .venv/.ready .venv-mlflow/.ready
+	MLFLOW_SERVER_BIN=$(CURDIR)/.venv-mlflow/bin/mlflow .venv/bin/python benchmarks/ingest.py $(BENCH_ARGS)
 
 ## bench-deployment: load on a PostgreSQL-backed multi-worker server and a multi-worker app, across an outage and a restart
 bench-deployment: .venv/.ready .venv-mlflow/.ready

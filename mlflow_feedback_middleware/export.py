@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 import mlflow
 
+from .trace_spool import current_spool
+
 logger = logging.getLogger("mlflow_feedback_middleware")
 
 
@@ -101,6 +103,7 @@ class ExportLosses:
         self.span_batches_dropped = 0
         self.exports_failed = 0
         self.otlp_spans_dropped = 0
+        self.overflow_spooled = 0  # tasks the full queue refused that went to the trace spool instead
         self.watching = False
         # Traces whose spans were in a dropped batch (most recent first out): their trace info must not
         # claim the spans are in the tracking store, so MLflow's exporter uploads them as an artifact.
@@ -119,6 +122,11 @@ class ExportLosses:
                     self._spans_dropped_for[trace_id] = None
             while len(self._spans_dropped_for) > _REMEMBERED_DROPS:
                 self._spans_dropped_for.popitem(last=False)
+
+    def _forget_dropped_spans(self, spans: list[Any]) -> None:
+        with self._lock:
+            for span in spans:
+                self._spans_dropped_for.pop(getattr(span, "trace_id", None), None)  # type: ignore[arg-type]
 
     def count_failure(self) -> None:
         """An export call failed (counted where MLflow's exporter would only log it)."""
@@ -166,14 +174,50 @@ class ExportLosses:
                 try:
                     super().put(item, block, timeout)
                 except queue.Full:
-                    trace_task = getattr(handler, "__name__", "") == "_log_trace"
-                    losses._count("traces_dropped" if trace_task else "span_batches_dropped")
-                    if not trace_task:  # _log_spans(experiment_id, spans, workspace)
-                        args: Any = getattr(item, "args", ())
-                        losses._remember_dropped_spans(args[1] if len(args) > 1 else None)
-                    raise
+                    if not losses._overflow_to_spool(item):
+                        losses._count_dropped(item)
+                        raise
 
         return CountingQueue
+
+    def _count_dropped(self, task: Any) -> None:
+        """Count a task MLflow's full export queue refused (or the spool could not take)."""
+        trace_task = getattr(getattr(task, "handler", None), "__name__", "") == "_log_trace"
+        self._count("traces_dropped" if trace_task else "span_batches_dropped")
+        if not trace_task:  # _log_spans(experiment_id, spans, workspace)
+            args: Any = getattr(task, "args", ())
+            self._remember_dropped_spans(args[1] if len(args) > 1 else None)
+
+    def _overflow_to_spool(self, task: Any) -> bool:
+        """Hand a task the full export queue refused to the trace spool (written off this thread, replayed
+        at the server's pace); False when there is no spool or the task is not one it knows."""
+        spool = current_spool()
+        if spool is None:
+            return False
+        name = getattr(getattr(task, "handler", None), "__name__", "")
+        args: Any = getattr(task, "args", ())
+        if name == "_log_trace" and args and getattr(args[0], "info", None) is not None:
+            trace = args[0]
+            _release_held(trace.info.trace_id)  # the spool keeps the whole trace: held batches are in it
+            spans = list(getattr(trace.data, "spans", None) or [])
+            spool.add_later(lambda: spool.add_info(trace.info, spans), lambda: self._count_dropped(task), 1)
+        elif name == "_log_spans" and len(args) > 1:
+            location, spans = str(args[0]), list(args[1])
+            # Until the spool has them, these spans count as lost: a trace info sent meanwhile keeps MLflow's
+            # artifact upload (at worst a second copy, never none).
+            self._remember_dropped_spans(spans)
+
+            def add_spans() -> bool:
+                stored = spool.add_spans(location, spans)
+                if stored:
+                    self._forget_dropped_spans(spans)
+                return stored
+
+            spool.add_later(add_spans, lambda: self._count("span_batches_dropped"), 0)
+        else:
+            return False
+        self._count("overflow_spooled")
+        return True
 
     def _counting_handler(self, handler: Any) -> Any:
         def counted(*args: Any) -> Any:
@@ -195,6 +239,7 @@ class ExportLosses:
                 "span_batches_dropped": self.span_batches_dropped,
                 "export_failures": self.exports_failed,
                 "otlp_spans_dropped": self.otlp_spans_dropped,
+                "export_queue_overflow_spooled": self.overflow_spooled,
             }
             return {k: v if self.watching else None for k, v in counts.items()}
 
@@ -208,10 +253,23 @@ def _export_queue(exporter: Any) -> Any:
     return getattr(getattr(exporter, "_async_queue", None), "_queue", None)
 
 
+def _release_held(trace_id: str) -> None:
+    """Forget the span batches the fast trace-info client holds for `trace_id` (spooled with its trace)."""
+    try:
+        from mlflow.tracing.provider import _get_trace_exporter
+
+        take = getattr(getattr(_get_trace_exporter(), "_client", None), "take_held", None)
+        if take is not None:
+            take(trace_id)
+    except Exception:
+        logger.debug("cannot release held spans", exc_info=True)
+
+
 def spool_unexported(spool: Any) -> int:
     """Move what MLflow's export queue still holds into `spool` (at shutdown, after the flush deadline):
     trace infos of trace tasks, span batches of span tasks. Returns the traces spooled. Never raises."""
     spooled = 0
+    spool.flush_deferred(5.0)  # what the full queue handed over before the deadline
     try:
         from mlflow.tracing.provider import _get_trace_exporter
 
@@ -224,9 +282,13 @@ def spool_unexported(spool: Any) -> int:
             name = getattr(getattr(task, "handler", None), "__name__", "")
             args: Any = getattr(task, "args", ())
             if name == "_log_trace" and args and getattr(args[0], "info", None) is not None:
-                spooled += int(spool.add_info(args[0].info))
+                _release_held(args[0].info.trace_id)
+                spooled += int(spool.add_info(args[0].info, list(getattr(args[0].data, "spans", None) or [])))
             elif name == "_log_spans" and len(args) > 1:
                 spool.add_spans(str(args[0]), list(args[1]))
+        release_held = getattr(getattr(_get_trace_exporter(), "_client", None), "release_held", None)
+        for location, spans in release_held() if release_held is not None else ():
+            spool.add_spans(location, spans)  # spans the fast client held for a trace info not sent yet
     except Exception:
         logger.warning("could not spool the traces MLflow had not exported", exc_info=True)
     if spooled:

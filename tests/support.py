@@ -109,7 +109,7 @@ class MlflowServer:
         self._app_name = app_name  # e.g. "basic-auth"
         self._env = env or {}
         self._store = backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-        self._workers = workers
+        self.workers = workers
 
     def start(self, timeout: float = 120.0) -> None:
         log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - kept open for the child
@@ -126,7 +126,7 @@ class MlflowServer:
                 "--port",
                 str(self.port),
                 "--workers",
-                str(self._workers),
+                str(self.workers),
                 *(["--app-name", self._app_name] if self._app_name else []),
             ],
             cwd=self.workdir,
@@ -254,6 +254,19 @@ class PostgresCluster:
         psql = [str(self._bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port)]
         self._as_postgres(*psql, "-c", "CREATE DATABASE mlflow")
         return self
+
+    def query(self, sql: str) -> list[list[str]]:
+        """Rows of `sql` run on the MLflow database (fields as text): counting in the store without
+        loading the tracking server."""
+        psql = [str(self._bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-d", "mlflow", "-At", "-F", "\t"]
+        command = ["runuser", "-u", "postgres", "--", *psql, "-c", sql]
+        done = subprocess.run(command, check=True, capture_output=True, timeout=120, text=True)
+        return [line.split("\t") for line in done.stdout.splitlines()]
+
+    def log_count(self, text: str) -> int:
+        """Lines of the server's log containing `text`."""
+        log = self.workdir / "data.log"
+        return sum(text in line for line in log.read_text(errors="replace").splitlines()) if log.exists() else 0
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.SubprocessError):

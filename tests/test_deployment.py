@@ -7,6 +7,8 @@ import os
 import signal
 import stat
 import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from mlflow.tracing.client import TracingClient
 
 from mlflow_feedback_middleware import MlflowFeedbackMiddleware, RateLimit
 from mlflow_feedback_middleware.feedback_writer import FEEDBACK_ID_KEY
+from mlflow_feedback_middleware.tracing import find_experiment
 
 from .apps import build_app
 from .support import AppProcess, MlflowServer, PostgresCluster, client_for, get_trace, wait_until
@@ -282,3 +285,19 @@ async def test_made_up_tokens_never_buy_a_fresh_rate_limit_bucket(experiment_nam
             for i in range(4)
         ]
     assert statuses[2:] == [429, 429], statuses
+
+
+def test_app_workers_starting_together_resolve_one_experiment(mlflow_server: MlflowServer) -> None:
+    """Two app workers starting at once both find the experiment missing and create it; the server refuses
+    the second (RESOURCE_ALREADY_EXISTS, a 400) and that worker reads the first one's ID."""
+    for round_ in range(5):
+        name = f"race-{uuid.uuid4().hex[:8]}-{round_}"
+        barrier = threading.Barrier(4)
+
+        def resolve(name: str = name, barrier: threading.Barrier = barrier) -> str:
+            barrier.wait()
+            return find_experiment(mlflow_server.url, name, None, create=True)
+
+        with ThreadPoolExecutor(4) as pool:
+            ids = {future.result() for future in [pool.submit(resolve) for _ in range(4)]}
+        assert len(ids) == 1, ids

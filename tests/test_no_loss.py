@@ -217,38 +217,63 @@ async def test_hundreds_of_concurrent_mixed_requests_keep_their_own_traces(exper
 
 
 OVERFLOW_SCRIPT = """
-import asyncio, json, sys
+import asyncio, json, sys, time
 import httpx, mlflow
 from tests.apps import build_app
 from mlflow_feedback_middleware.export import flush_exports
+from mlflow_feedback_middleware.trace_spool import configure_spool
 
 async def main():
+    if int(sys.argv[2]):
+        configure_spool(None, max_bytes=int(sys.argv[2]))  # a tiny spool, in memory
     app = build_app(experiment_name=sys.argv[1])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         ids = [(await client.post("/chat", json={"message": str(i)})).headers["x-mlflow-trace-id"] for i in range(150)]
         flush_exports(60)
-        health = (await client.get("/feedback/health")).json()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the delivery thread replays the spool at the server's pace
+            health = (await client.get("/feedback/health")).json()
+            if health["trace_spool"]["pending_parts"] == 0:
+                break
+            await asyncio.sleep(0.2)
     stored = mlflow.search_traces(locations=[health["experiment_id"]], max_results=1000, return_type="list",
                                   include_spans=False, filter_string="trace.status = 'OK'")
     # A stored trace is usable only with its spans (from the tracking store, or the artifact fallback).
     unreadable = [t.info.trace_id for t in stored if not getattr(mlflow.get_trace(t.info.trace_id), "data", None)]
-    print(json.dumps({"issued": len(set(ids)), "stored_ok": len(stored), "unreadable": unreadable, "health": health}))
+    with_metadata = sum(t.info.client_request_id is not None for t in stored)
+    print(json.dumps({"issued": len(set(ids)), "stored_ok": len(stored), "with_metadata": with_metadata,
+                      "unreadable": unreadable, "health": health}))
 
 asyncio.run(main())
 """
+# A queue of 4 tasks and one export thread: most of a 150-request burst overflows MLflow's export queue.
+TINY_QUEUE = {"MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "4", "MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "1"}
 
 
-def test_traces_mlflow_drops_are_counted(mlflow_server: MlflowServer, experiment_name: str) -> None:
-    """MLflow's exporter drops traces quietly when its queue is full. With a tiny queue, every trace
-    issued is either stored or counted as dropped by the health route."""
-    env = {
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "4",
-        "MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "1",
-    }
-    out = run_script(OVERFLOW_SCRIPT, [experiment_name], env)
+def test_export_queue_overflow_goes_to_the_spool(mlflow_server: MlflowServer, experiment_name: str) -> None:
+    """MLflow's exporter drops what its full queue refuses. The middleware spools it instead and replays it
+    at the server's pace: every trace of a burst far above the queue's size is stored, with its metadata and
+    its spans, and nothing is counted as dropped."""
+    out = run_script(OVERFLOW_SCRIPT, [experiment_name, "0"], {"MLFLOW_TRACKING_URI": mlflow_server.url} | TINY_QUEUE)
     health = out["health"]
-    assert health["traces_dropped"] > 0 and health["export_failures"] == 0
+    assert health["export_queue_overflow_spooled"] > 0, health
+    assert health["traces_dropped"] == 0 and health["span_batches_dropped"] == 0, health
+    assert health["trace_spool"]["spooled_traces_by_this_process"] > 0, health  # replayed by any process
+    assert out["issued"] == out["stored_ok"] == out["with_metadata"] == 150, out
+    assert out["unreadable"] == []
+
+
+def test_export_queue_overflow_past_the_spool_budget_is_counted(
+    mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    """With a spool too small for the burst, what neither MLflow's queue nor the spool can take is dropped
+    and counted: every trace issued is stored or counted."""
+    out = run_script(
+        OVERFLOW_SCRIPT, [experiment_name, "20000"], {"MLFLOW_TRACKING_URI": mlflow_server.url} | TINY_QUEUE
+    )
+    health = out["health"]
+    assert health["traces_dropped"] > 0 and health["export_failures"] == 0, health
+    assert health["trace_spool"]["dropped_traces_by_this_process"] > 0, health
     assert out["issued"] == 150
     # No silent loss: every trace missing from MLflow is counted. (A trace whose final trace-info task
     # was dropped may still land from its spans, so the count can exceed the missing ones.)
