@@ -248,6 +248,16 @@ class ExportLosses:
 export_losses = ExportLosses()
 
 
+def current_trace_exporter() -> Any:
+    """The exporter of MLflow's current tracer provider, or None (not built yet, or MLflow moved it)."""
+    try:
+        from mlflow.tracing.provider import _get_trace_exporter
+
+        return _get_trace_exporter()
+    except Exception:
+        return None
+
+
 def _export_queue(exporter: Any) -> Any:
     """The task queue of MLflow's async exporter (`exporter._async_queue._queue`), or None."""
     return getattr(getattr(exporter, "_async_queue", None), "_queue", None)

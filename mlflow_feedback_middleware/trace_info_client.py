@@ -14,8 +14,8 @@ apply), a workspace, proxies, custom TLS, and authentication other than none, ba
 MLflow's exporter sends a trace's last span batch and its info as two tasks that its export threads run at
 once. Whichever reaches the server second finds the other's row: a span upload creates the trace's row
 when it is missing, and the info upsert that follows fails its insert (`trace_info_pk`, logged by
-PostgreSQL as an ERROR), rolls back and merges. `make bench-ingest` measured that path at 3.8 times the
-server's CPU per trace (76 ms against 20 ms, one server worker on PostgreSQL). So span batches of a trace
+PostgreSQL as an ERROR), rolls back and merges. `make bench-ingest` measured that path at twice the
+server's CPU per trace (35-41 ms against 17-18 ms on PostgreSQL, 1 to 4 server workers). So span batches of a trace
 whose info is not stored yet are held here (at most 10 s, 5,000 spans) and sent by the thread that stored
 the info, right after it.
 """

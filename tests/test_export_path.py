@@ -123,7 +123,7 @@ async def test_a_traces_info_is_stored_before_its_spans(
 ) -> None:
     """MLflow's exporter sends a trace's spans and its info at once; the span upload that lands first creates
     the trace's row and the info upsert then takes the tracking server's costliest path (a failed insert,
-    a rollback and a merge: 3.8x the server's CPU per trace on PostgreSQL, `make bench-ingest`). The fast
+    a rollback and a merge: twice the server's CPU per trace on PostgreSQL, `make bench-ingest`). The fast
     client holds a trace's spans until its info is stored."""
     app = build_app(experiment_name=experiment_name)
     async with client_for(app) as client:
@@ -252,3 +252,49 @@ def test_a_trace_whose_span_batch_was_dropped_keeps_mlflows_artifact_copy(
     out = run_script(DROPPED_SPANS_SCRIPT, [experiment_name], {"MLFLOW_TRACKING_URI": mlflow_server.url})
     assert out["dropped"] >= 1 and out["remembered"] is True
     assert out["spans"] == ["POST /chat", "fake_llm_async"]
+
+
+REBUILT_PROVIDER_SCRIPT = """
+import asyncio, json, queue, sys
+import httpx, mlflow
+from mlflow.tracing.provider import _get_trace_exporter
+from mlflow_feedback_middleware.export import export_losses, flush_exports
+from mlflow_feedback_middleware.trace_info_client import FastTraceInfoClient
+from tests.apps import build_app
+
+def hooked():
+    exporter = _get_trace_exporter()
+    client = exporter._client
+    return {"fast": isinstance(client, FastTraceInfoClient), "fast_calls": getattr(client, "fast_calls", 0),
+            "counting": type(exporter._async_queue._queue) is not queue.Queue, "id": id(exporter)}
+
+async def main():
+    app = build_app(experiment_name=sys.argv[1])
+    rounds, ids = [], []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        for rebuild in (None, lambda: mlflow.set_experiment(sys.argv[1] + "-handler"),
+                        lambda: mlflow.set_tracking_uri(mlflow.get_tracking_uri())):
+            if rebuild is not None:
+                rebuild()  # a handler or a library resetting MLflow's tracer provider mid-run
+            response = await client.post("/chat", json={"message": "hi"})
+            ids.append((response.headers["x-mlflow-trace-id"], response.headers["x-request-id"]))
+            flush_exports(30)
+            rounds.append(hooked())
+    stored = [mlflow.get_trace(trace_id).info.client_request_id == request_id for trace_id, request_id in ids]
+    print(json.dumps({"rounds": rounds, "stored": stored, "watching": export_losses.watching}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_fast_path_and_the_loss_counters_survive_mlflow_rebuilding_its_exporter(
+    mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    """`mlflow.set_experiment` and `mlflow.set_tracking_uri` reset MLflow's tracer provider, which builds a new
+    exporter; the middleware hooks the new one at the next request (the fast trace-info client, which also
+    orders a trace's info before its spans, and the loss counters), rather than losing both silently."""
+    out = run_script(REBUILT_PROVIDER_SCRIPT, [experiment_name], {"MLFLOW_TRACKING_URI": mlflow_server.url})
+    rounds = out["rounds"]
+    assert len({r["id"] for r in rounds}) == 3, rounds  # MLflow did build a new exporter each time
+    assert all(r["fast"] and r["fast_calls"] >= 1 and r["counting"] for r in rounds), rounds
+    assert out["stored"] == [True, True, True] and out["watching"] is True
