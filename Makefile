@@ -6,7 +6,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # The JavaScript LLM clients (openai, Vercel AI SDK) the tests drive, where npm is installed.
 NODE_CLIENTS := $(if $(shell command -v npm 2>/dev/null),tests/node/node_modules/.ready)
 
-.PHONY: demo test ui bench bench-report bench-deployment bench-ingest fastapi-suite clean
+.PHONY: demo test test-fast test-oldest ui bench bench-report bench-deployment bench-ingest fastapi-suite clean
 
 .venv/.ready: pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -15,6 +15,15 @@ NODE_CLIENTS := $(if $(shell command -v npm 2>/dev/null),tests/node/node_modules
 
 tests/node/node_modules/.ready: tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The oldest mlflow-tracing the package declares (pyproject.toml), and the tier that must pass with it.
+OLDEST_MLFLOW_TRACING := 3.12.0
+COMPAT_TESTS := tests/unit tests/test_tracing.py tests/test_feedback.py tests/test_export_path.py tests/test_no_loss.py
+
+.venv-oldest/.ready: pyproject.toml
+	$(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/pip install $(PIP_FLAGS) -e '.[test]' 'mlflow-tracing==$(OLDEST_MLFLOW_TRACING)'
 	touch $@
 
 .venv-mlflow/.ready: pyproject.toml
@@ -26,15 +35,24 @@ tests/node/node_modules/.ready: tests/node/package.json tests/node/package-lock.
 demo: .venv-mlflow/.ready
 	cd examples && ../.venv-mlflow/bin/python -m uvicorn chat_app:app --port $${PORT:-8000}
 
-## test: lint, type-check, then the whole suite against a real `mlflow server`
+## test: lint, type-check, the whole suite against a real `mlflow server`, then the compatibility tier
 test: .venv/.ready .venv-mlflow/.ready $(NODE_CLIENTS)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 	MLFLOW_SERVER_BIN=$(CURDIR)/.venv-mlflow/bin/mlflow .venv/bin/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-oldest
+
+## test-oldest: the compatibility tier with the oldest supported mlflow-tracing as the app's client
+test-oldest: .venv-oldest/.ready .venv-mlflow/.ready
+	MLFLOW_SERVER_BIN=$(CURDIR)/.venv-mlflow/bin/mlflow .venv-oldest/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
+
+## test-fast: the unit tier (tests/unit): no tracking server, no network, no subprocess; seconds
+test-fast: .venv/.ready
+	.venv/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 clean:
-	rm -rf .venv .venv-mlflow examples/mlflow.db examples/mlruns
+	rm -rf .venv .venv-mlflow .venv-oldest examples/mlflow.db examples/mlruns
 
 ## ui: the MLflow UI on the demo's store
 ui: .venv-mlflow/.ready

@@ -25,14 +25,13 @@ from mlflow.exceptions import MlflowException
 
 from .distributed import continued_root
 from .export import (
-    current_trace_exporter,
-    export_losses,
     flush_exports,
     skip_absent_module_probes,
     speed_up_mlflow_exporter,
     spool_unexported,
     use_otlp_export,
 )
+from .export_losses import current_trace_exporter, export_losses
 from .server_watch import probe
 from .trace_info_client import close_fast_connections
 from .trace_spool import current_spool

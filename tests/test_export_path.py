@@ -178,12 +178,14 @@ from tests.apps import build_app
 from tests.support import get_trace
 
 async def main():
-    app = build_app(tracking_uri=sys.argv[1], experiment_name="auth-export")
+    # A loaded machine makes the basic-auth server slow: the first request waits for the experiment as long
+    # as it takes (the default start-up wait is short), and so do the reads.
+    app = build_app(tracking_uri=sys.argv[1], experiment_name="auth-export", startup_timeout_seconds=120)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         responses = [await client.post("/chat", json={"message": f"m{i}"}) for i in range(3)]
-    flush_exports(30)
+    flush_exports(120)
     fast = _get_trace_exporter()._client
-    stored = [get_trace(r.headers["x-mlflow-trace-id"]).info.client_request_id == r.headers["x-request-id"]
+    stored = [get_trace(r.headers["x-mlflow-trace-id"], timeout=120).info.client_request_id == r.headers["x-request-id"]
               for r in responses]
     print(json.dumps({"client": type(fast).__name__, "fast": fast.fast_calls, "delegated": fast.delegated_calls,
                       "stored": stored}))
@@ -213,7 +215,8 @@ def test_the_fast_path_sends_the_tracking_servers_credentials(tmp_path: Path) ->
 DROPPED_SPANS_SCRIPT = """
 import asyncio, json, queue, sys
 import httpx, mlflow
-from mlflow_feedback_middleware.export import export_losses, flush_exports
+from mlflow_feedback_middleware.export import flush_exports
+from mlflow_feedback_middleware.export_losses import export_losses
 from mlflow_feedback_middleware.trace_spool import configure_spool
 from tests.apps import build_app
 
@@ -258,7 +261,8 @@ REBUILT_PROVIDER_SCRIPT = """
 import asyncio, json, queue, sys
 import httpx, mlflow
 from mlflow.tracing.provider import _get_trace_exporter
-from mlflow_feedback_middleware.export import export_losses, flush_exports
+from mlflow_feedback_middleware.export import flush_exports
+from mlflow_feedback_middleware.export_losses import export_losses
 from mlflow_feedback_middleware.trace_info_client import FastTraceInfoClient
 from tests.apps import build_app
 
@@ -298,3 +302,44 @@ def test_the_fast_path_and_the_loss_counters_survive_mlflow_rebuilding_its_expor
     assert len({r["id"] for r in rounds}) == 3, rounds  # MLflow did build a new exporter each time
     assert all(r["fast"] and r["fast_calls"] >= 1 and r["counting"] for r in rounds), rounds
     assert out["stored"] == [True, True, True] and out["watching"] is True
+
+
+MISSING_INTERNAL_SCRIPT = """
+import asyncio, json, logging, sys
+import httpx, mlflow
+import mlflow.protos.service_pb2, mlflow.store.tracking.rest_store  # MLflow's client has its own reference
+del mlflow.protos.service_pb2.StartTraceV3  # as if MLflow had moved an internal the fast client mirrors
+from mlflow.tracing.provider import _get_trace_exporter
+from mlflow_feedback_middleware.export import flush_exports
+from tests.apps import build_app
+from tests.support import get_trace
+
+warnings = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logging.getLogger("mlflow_feedback_middleware").addHandler(Keep(logging.WARNING))
+
+async def main():
+    app = build_app(experiment_name=sys.argv[1])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        responses = [await client.post("/chat", json={"message": f"m{i}"}) for i in range(2)]
+    flush_exports(30)
+    stored = [get_trace(r.headers["x-mlflow-trace-id"]).info.client_request_id == r.headers["x-request-id"]
+              for r in responses]
+    print(json.dumps({"client": type(_get_trace_exporter()._client).__name__, "stored": stored,
+                      "warnings": [w for w in warnings if "MLflow API changed" in w]}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_missing_mlflow_internal_falls_back_to_mlflows_client_with_one_warning(
+    mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    """Where an MLflow internal the fast trace-info client mirrors is gone (another MLflow version), the
+    package still imports, MLflow's own client sends every trace info, and one warning names the version."""
+    out = run_script(MISSING_INTERNAL_SCRIPT, [experiment_name], {"MLFLOW_TRACKING_URI": mlflow_server.url})
+    assert out["client"] != "FastTraceInfoClient" and out["stored"] == [True, True]
+    [warning] = out["warnings"]
+    assert mlflow.__version__ in warning and "StartTraceV3" in warning
