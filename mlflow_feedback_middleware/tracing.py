@@ -121,6 +121,12 @@ def _sampling_configured() -> bool:
         return False
 
 
+_URI_REMEDY = (
+    "With mlflow-tracing, set MLFLOW_TRACKING_URI (or tracking_uri=) to an http(s):// tracking server or"
+    " 'databricks'; a local sqlite:/// store needs the full 'mlflow' package."
+)
+
+
 class MlflowBackend:
     """Resolves the experiment traces go to, once and off the event loop, and runs MLflow calls.
 
@@ -177,6 +183,13 @@ class MlflowBackend:
             if unreachable is not None:
                 raise ConnectionError(unreachable)
             experiment_id = self._find_experiment(uri)
+        except (ImportError, AttributeError) as exc:
+            # Not an outage: retrying would never help, and "unreachable" would send the operator the wrong way.
+            self._disable(
+                f"MLflow API changed (mlflow-tracing {mlflow.__version__}: {type(exc).__name__}: {exc})",
+                "Install an mlflow-tracing version this middleware supports (see its metadata), or a newer one.",
+            )
+            return None
         except Exception as exc:
             if not remote:
                 self._disable(f"tracking URI {uri!r} is not usable here ({type(exc).__name__}: {exc})")
@@ -207,14 +220,12 @@ class MlflowBackend:
         name = self._experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
         return find_experiment(uri, name, os.environ.get("MLFLOW_EXPERIMENT_ID") or "0", create=True)
 
-    def _disable(self, reason: str) -> None:
+    def _disable(self, reason: str, remedy: str = _URI_REMEDY) -> None:
         self.disabled_reason = reason
         logger.error(
-            "MlflowFeedbackMiddleware is DISABLED: %s. Requests are served untraced and no trace IDs "
-            "are issued. With mlflow-tracing, set MLFLOW_TRACKING_URI (or tracking_uri=) to an "
-            "http(s):// tracking server or 'databricks'; a local sqlite:/// store needs the full "
-            "'mlflow' package.",
+            "MlflowFeedbackMiddleware is DISABLED: %s. Requests are served untraced and no trace IDs are issued. %s",
             reason,
+            remedy,
         )
 
     def start_resolving(self) -> Future[str | None] | None:

@@ -343,3 +343,38 @@ def test_a_missing_mlflow_internal_falls_back_to_mlflows_client_with_one_warning
     assert out["client"] != "FastTraceInfoClient" and out["stored"] == [True, True]
     [warning] = out["warnings"]
     assert mlflow.__version__ in warning and "StartTraceV3" in warning
+
+
+MOVED_CLIENT_SCRIPT = """
+import asyncio, json, logging, sys
+import httpx
+import mlflow.tracking._tracking_service.client as service
+del service.TrackingServiceClient  # as if MLflow had moved the client that finds experiments
+from tests.apps import build_app
+
+errors = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        errors.append(record.getMessage())
+logging.getLogger("mlflow_feedback_middleware").addHandler(Keep(logging.WARNING))
+
+async def main():
+    app = build_app(experiment_name=sys.argv[1])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        answer = await client.post("/chat", json={"message": "hi"})
+    print(json.dumps({"status": answer.status_code, "traced": "x-mlflow-trace-id" in answer.headers,
+                      "errors": errors}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_moved_mlflow_client_is_reported_as_an_api_change_not_an_outage(
+    mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    """If MLflow moves the client the middleware finds experiments with, the service answers untraced and
+    says why once; it does not call a healthy server unreachable and retry forever."""
+    out = run_script(MOVED_CLIENT_SCRIPT, [experiment_name], {"MLFLOW_TRACKING_URI": mlflow_server.url})
+    assert out["status"] == 200 and out["traced"] is False
+    [error] = [e for e in out["errors"] if "DISABLED" in e]
+    assert "MLflow API changed" in error and "TrackingServiceClient" in error and "unreachable" not in error
