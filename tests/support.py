@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -334,6 +335,18 @@ def wait_until(condition: Any, timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout} s")
         time.sleep(0.25)
+
+
+def middleware_log(level: int = logging.NOTSET) -> list[logging.LogRecord]:
+    """The middleware logger's records at `level` and above, from now on (kept in the returned list)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logging.getLogger("mlflow_feedback_middleware").addHandler(Keep(level))
+    return records
 
 
 def run_script(script: str, args: list[str], env: dict[str, str], timeout: float = 300) -> Any:

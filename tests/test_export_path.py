@@ -312,13 +312,9 @@ del mlflow.protos.service_pb2.StartTraceV3  # as if MLflow had moved an internal
 from mlflow.tracing.provider import _get_trace_exporter
 from mlflow_feedback_middleware.export import flush_exports
 from tests.apps import build_app
-from tests.support import get_trace
+from tests.support import get_trace, middleware_log
 
-warnings = []
-class Keep(logging.Handler):
-    def emit(self, record):
-        warnings.append(record.getMessage())
-logging.getLogger("mlflow_feedback_middleware").addHandler(Keep(logging.WARNING))
+warnings = middleware_log(logging.WARNING)
 
 async def main():
     app = build_app(experiment_name=sys.argv[1])
@@ -328,7 +324,7 @@ async def main():
     stored = [get_trace(r.headers["x-mlflow-trace-id"]).info.client_request_id == r.headers["x-request-id"]
               for r in responses]
     print(json.dumps({"client": type(_get_trace_exporter()._client).__name__, "stored": stored,
-                      "warnings": [w for w in warnings if "MLflow API changed" in w]}))
+                      "warnings": [w.getMessage() for w in warnings if "MLflow API changed" in w.getMessage()]}))
 
 asyncio.run(main())
 """
@@ -351,19 +347,16 @@ import httpx
 import mlflow.tracking._tracking_service.client as service
 del service.TrackingServiceClient  # as if MLflow had moved the client that finds experiments
 from tests.apps import build_app
+from tests.support import middleware_log
 
-errors = []
-class Keep(logging.Handler):
-    def emit(self, record):
-        errors.append(record.getMessage())
-logging.getLogger("mlflow_feedback_middleware").addHandler(Keep(logging.WARNING))
+errors = middleware_log(logging.WARNING)
 
 async def main():
     app = build_app(experiment_name=sys.argv[1])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         answer = await client.post("/chat", json={"message": "hi"})
     print(json.dumps({"status": answer.status_code, "traced": "x-mlflow-trace-id" in answer.headers,
-                      "errors": errors}))
+                      "errors": [e.getMessage() for e in errors]}))
 
 asyncio.run(main())
 """

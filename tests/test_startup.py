@@ -18,12 +18,9 @@ SCRIPT = """
 import asyncio, json, logging, sys, time
 import httpx
 from tests.apps import build_app
+from tests.support import middleware_log
 
-records = []
-class Keep(logging.Handler):
-    def emit(self, record):
-        records.append((record.levelname, record.getMessage()))
-logging.getLogger("mlflow_feedback_middleware").addHandler(Keep())
+kept = middleware_log()
 
 async def main():
     app = build_app(**json.loads(sys.argv[1]))
@@ -37,7 +34,7 @@ async def main():
                         "seconds": time.monotonic() - started})
         fb = await client.post("/feedback?trace_id=tr-0123456789abcdef0123456789abcdef", json={"is_correct": True})
         out.append({"status": fb.status_code, "body": fb.json()})
-    print(json.dumps({"responses": out, "logs": records}))
+    print(json.dumps({"responses": out, "logs": [(r.levelname, r.getMessage()) for r in kept]}))
 
 asyncio.run(main())
 """
