@@ -37,7 +37,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlflow_feedback_middleware.feedback_writer import FEEDBACK_ID_KEY  # noqa: E402
+from mlflow_feedback_middleware.delivery.writer import FEEDBACK_ID_KEY  # noqa: E402
 from tests.support import AppProcess, MlflowServer, PostgresCluster, wait_until  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def _stored(server: MlflowServer, experiment: str) -> tuple[set[str], Counter[st
     """Trace IDs in the experiment, and how many assessments each feedback ID wrote."""
     from mlflow.tracing.client import TracingClient
 
-    from mlflow_feedback_middleware.tracing import find_experiment
+    from mlflow_feedback_middleware._mlflow.tracing import find_experiment
 
     experiment_id = find_experiment(server.url, experiment, None, create=False)
     client, traces, written = TracingClient(tracking_uri=server.url), set(), Counter[str]()

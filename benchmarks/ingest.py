@@ -67,7 +67,7 @@ def _sample_trace(server: MlflowServer, experiment: str) -> tuple[dict[str, Any]
     import mlflow
     from mlflow.tracing.client import TracingClient
 
-    from mlflow_feedback_middleware.export import flush_exports
+    from mlflow_feedback_middleware._mlflow.export import flush_exports
     from tests.apps import build_app
 
     mlflow.set_tracking_uri(server.url)

@@ -79,7 +79,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "figures": result}))
 OURS = """
 import json, sys, time
 import mlflow
-from mlflow_feedback_middleware.report import build_report, search_requests
+from mlflow_feedback_middleware.insight.report import build_report, search_requests
 
 uri, experiment_id = sys.argv[1:3]
 mlflow.set_tracking_uri(uri)
@@ -96,7 +96,7 @@ def seed(uri: str, traces: int) -> str:
     import mlflow
     from mlflow.entities import AssessmentSource
 
-    from mlflow_feedback_middleware.tracing import find_experiment
+    from mlflow_feedback_middleware._mlflow.tracing import find_experiment
 
     mlflow.set_tracking_uri(uri)
     experiment_id = find_experiment(uri, f"report-bench-{uuid.uuid4().hex[:8]}", None, create=True)

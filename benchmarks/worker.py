@@ -25,7 +25,7 @@ import mlflow
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.variants import OTEL_PROVIDERS, VARIANTS
-from mlflow_feedback_middleware.export import flush_exports
+from mlflow_feedback_middleware._mlflow.export import flush_exports
 
 BODY = json.dumps({"message": "hello there"}).encode()
 

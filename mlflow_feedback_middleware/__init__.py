@@ -3,16 +3,16 @@
 app.add_middleware(MlflowFeedbackMiddleware)
 """
 
+from .asgi.context import TraceIdLogFilter, get_client_request_id, get_feedback_token, get_trace_id
+from .asgi.websocket import Turn, traced_turn
 from .config import DEFAULT_EXCLUDE_PATHS, DEFAULT_REDACT_FIELDS
-from .context import TraceIdLogFilter, get_client_request_id, get_feedback_token, get_trace_id
-from .feedback_models import FeedbackRequest
-from .identity import AuthenticatedUserOrHeader, IdentityResolver
-from .limits import FeedbackLimits, RateLimit
+from .intake.identity import AuthenticatedUserOrHeader, IdentityResolver
+from .intake.limits import FeedbackLimits, RateLimit
+from .intake.models import FeedbackRequest
+from .intake.openapi import document_feedback_routes
+from .intake.schema import Binary, Categorical, Choice, FeedbackSchema, Scale, Text
+from .intake.tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .middleware import MlflowFeedbackMiddleware
-from .openapi import document_feedback_routes
-from .schema import Binary, Categorical, Choice, FeedbackSchema, Scale, Text
-from .tokens import FeedbackGrant, FeedbackTokens, TokenError
-from .websocket import Turn, traced_turn
 
 __version__ = "0.1.0"
 

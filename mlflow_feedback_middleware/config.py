@@ -9,10 +9,10 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from .capture import normalise_field, redact
-from .identity import AuthenticatedUserOrHeader, IdentityResolver, resolve_user
-from .limits import FeedbackLimits, RateLimit
-from .schema import FeedbackSchema
+from .intake.identity import AuthenticatedUserOrHeader, IdentityResolver, resolve_user
+from .intake.limits import FeedbackLimits, RateLimit
+from .intake.schema import FeedbackSchema
+from .redaction import normalise_field, redact
 
 # Requests that are not answers a user could rate: API docs, browsers' icon probes and health checks.
 # Tracing them would only dilute the feedback rate. Passing `exclude_paths` replaces this list.

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .limits import FeedbackLimits, RateLimit
+from .intake.limits import FeedbackLimits, RateLimit
 
 PREFIX = "MLFLOW_FEEDBACK_"
 _NONE = ("", "none", "null", "off")

@@ -24,26 +24,24 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import mlflow
-from mlflow.entities import LiveSpan
-from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._mlflow.trace_spool import configure_spool
+from ._mlflow.tracing import MlflowBackend
+from .asgi.exchange import TracedExchange
+from .asgi.feedback_routes import FeedbackRoutes
+from .asgi.routing import host_app, mount_feedback_routes, route_path
+from .asgi.tracer import STATE_KEY as WEBSOCKET_STATE_KEY
+from .asgi.tracer import RequestTracer
 from .config import DEFAULT_EXCLUDE_PATHS, DEFAULT_OUTBOX_PATH, DEFAULT_REDACT_FIELDS, Settings
-from .context import RequestIds
-from .delivery import FeedbackDelivery
+from .delivery.feedback_delivery import FeedbackDelivery
+from .delivery.outbox import Outbox
+from .delivery.registry import RecentTraces
 from .env_config import apply_environment
-from .exchange import TracedExchange
-from .feedback_routes import FeedbackRoutes
-from .identity import IdentityResolver
-from .limits import FeedbackLimits, RateLimit
-from .outbox import Outbox
-from .registry import RecentTraces
-from .routing import host_app, mount_feedback_routes, route_path
-from .schema import FeedbackSchema
-from .tokens import FeedbackTokens, as_secret_list
-from .trace_spool import configure_spool
-from .tracing import MlflowBackend, annotate_trace
-from .websocket import STATE_KEY as WEBSOCKET_STATE_KEY
+from .intake.identity import IdentityResolver
+from .intake.limits import FeedbackLimits, RateLimit
+from .intake.schema import FeedbackSchema
+from .intake.tokens import FeedbackTokens, as_secret_list
 
 _DEFAULT_RATE_LIMIT = RateLimit()
 
@@ -109,11 +107,6 @@ class MlflowFeedbackMiddleware:
             if schema is None or isinstance(schema, FeedbackSchema)
             else FeedbackSchema.load(schema),
         )
-        # ASGI header names arrive lower-cased as bytes; compare against these without re-encoding.
-        self.trace_id_header_key = settings.trace_id_header.lower().encode()
-        self.request_id_header_key = settings.request_id_header.lower().encode()
-        self.session_id_header_key = settings.session_id_header.lower().encode()
-        self.token_header_key = settings.feedback_token_header.lower().encode()
         self.tokens = (
             FeedbackTokens(settings.feedback_secrets, settings.feedback_token_ttl_seconds)
             if settings.feedback_secrets
@@ -147,28 +140,9 @@ class MlflowFeedbackMiddleware:
             if settings.feedback_path is not None
             else None
         )
+        self.tracer = RequestTracer(app, settings, self.backend, self.recent, self.tokens)
         # None until the first call says whether the host app's router serves the feedback routes.
         self._routes_mounted: bool | None = None if self.feedback is not None else False
-
-    def adopt(
-        self,
-        span: LiveSpan,
-        conn: HTTPConnection,
-        request_id: str,
-        session_id: str | None,
-        own: bool = True,
-        chosen_by_client: bool = False,
-    ) -> RequestIds:
-        """Make a fresh root span a traced exchange (an HTTP request or a WebSocket turn): its end user,
-        feedback token and IDs recorded on the trace, and the trace remembered as issued here.
-
-        A continued caller's trace (`own` False) is remembered by client request ID only: feedback on it is
-        checked against the tracking server, as for any trace this service did not start."""
-        user_id = self.settings.user_of(conn)
-        token = self.tokens.issue(span.trace_id, request_id, user_id) if self.tokens else None
-        annotate_trace(span, request_id, user_id, session_id, self.backend.otlp, chosen_by_client)
-        self.recent.add(span.trace_id, request_id, own, chosen_by_client)
-        return RequestIds(span.trace_id, request_id, token)
 
     def status(self) -> dict[str, Any]:
         """Backend reachability and outbox figures (what ``GET {feedback_path}/health`` shows). Blocking."""
@@ -184,7 +158,7 @@ class MlflowFeedbackMiddleware:
             if kind == "lifespan":
                 receive, send = self._lifespan_receive(receive), self._lifespan_send(send)
             elif kind == "websocket":  # traced per turn by the handler: see traced_turn
-                scope.setdefault("state", {})[WEBSOCKET_STATE_KEY] = self
+                scope.setdefault("state", {})[WEBSOCKET_STATE_KEY] = self.tracer
             await self.app(scope, receive, send)
             return
         self.delivery.start()  # replays what an earlier process left, where no lifespan ran
@@ -202,7 +176,7 @@ class MlflowFeedbackMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        await TracedExchange(self, scope, receive, send).run()
+        await TracedExchange(self.tracer, scope, receive, send).run()
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         async def lifespan_receive() -> Message:

@@ -23,7 +23,7 @@ import pytest
 import uvicorn
 from mlflow.entities import Trace
 
-from mlflow_feedback_middleware.export import flush_exports
+from mlflow_feedback_middleware._mlflow.export import flush_exports
 
 ROOT = Path(__file__).resolve().parent.parent
 

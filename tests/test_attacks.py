@@ -16,11 +16,11 @@ from fastapi import FastAPI, WebSocket
 from fastapi.testclient import TestClient
 from mlflow.exceptions import MlflowException
 
-import mlflow_feedback_middleware.delivery as delivery_module
-import mlflow_feedback_middleware.outbox as outbox_module
+import mlflow_feedback_middleware.delivery.feedback_delivery as delivery_module
+import mlflow_feedback_middleware.delivery.outbox as outbox_module
 from mlflow_feedback_middleware import FeedbackSchema, MlflowFeedbackMiddleware, RateLimit, traced_turn
-from mlflow_feedback_middleware.outbox import Item, Outbox
-from mlflow_feedback_middleware.schema import Binary
+from mlflow_feedback_middleware.delivery.outbox import Item, Outbox
+from mlflow_feedback_middleware.intake.schema import Binary
 
 from .apps import build_app
 from .support import client_for, get_trace, http_scope, root_span

@@ -17,8 +17,8 @@ import pytest
 from mlflow.tracing.client import TracingClient
 
 from mlflow_feedback_middleware import MlflowFeedbackMiddleware, RateLimit
-from mlflow_feedback_middleware.feedback_writer import FEEDBACK_ID_KEY
-from mlflow_feedback_middleware.tracing import find_experiment
+from mlflow_feedback_middleware._mlflow.tracing import find_experiment
+from mlflow_feedback_middleware.delivery.writer import FEEDBACK_ID_KEY
 
 from .apps import build_app
 from .support import AppProcess, MlflowServer, PostgresCluster, client_for, get_trace, wait_until
@@ -191,7 +191,7 @@ def test_traces_served_during_an_outage_and_a_restart_are_spooled_then_stored(tm
 def test_the_spool_is_bounded_and_counts_what_it_drops(tmp_path: Path) -> None:
     from mlflow.entities import TraceInfo, TraceLocation, TraceState
 
-    from mlflow_feedback_middleware.trace_spool import TraceSpool
+    from mlflow_feedback_middleware._mlflow.trace_spool import TraceSpool
 
     spool = TraceSpool(str(tmp_path / "spool.db"), max_bytes=2_000)
     location, metadata = TraceLocation.from_experiment_id("1"), {"x": "y" * 300}

@@ -17,8 +17,8 @@ from mlflow.entities.assessment import AssessmentSource, Feedback
 from mlflow.entities.trace_location import TraceLocation
 from mlflow.protos.service_pb2 import StartTraceV3
 
-from mlflow_feedback_middleware.export import flush_exports
-from mlflow_feedback_middleware.trace_info_client import FastTraceInfoClient, _proto_body, start_trace_body
+from mlflow_feedback_middleware._mlflow.export import flush_exports
+from mlflow_feedback_middleware._mlflow.trace_info_client import FastTraceInfoClient, _proto_body, start_trace_body
 
 from .apps import build_app
 from .support import MlflowServer, client_for, get_trace, root_span, run_script, wait_until
@@ -173,7 +173,7 @@ AUTH_SCRIPT = """
 import asyncio, json, sys
 import httpx
 from mlflow.tracing.provider import _get_trace_exporter
-from mlflow_feedback_middleware.export import flush_exports
+from mlflow_feedback_middleware._mlflow.export import flush_exports
 from tests.apps import build_app
 from tests.support import get_trace
 
@@ -215,9 +215,9 @@ def test_the_fast_path_sends_the_tracking_servers_credentials(tmp_path: Path) ->
 DROPPED_SPANS_SCRIPT = """
 import asyncio, json, queue, sys
 import httpx, mlflow
-from mlflow_feedback_middleware.export import flush_exports
-from mlflow_feedback_middleware.export_losses import export_losses
-from mlflow_feedback_middleware.trace_spool import configure_spool
+from mlflow_feedback_middleware._mlflow.export import flush_exports
+from mlflow_feedback_middleware._mlflow.export_losses import export_losses
+from mlflow_feedback_middleware._mlflow.trace_spool import configure_spool
 from tests.apps import build_app
 
 async def main():
@@ -261,9 +261,9 @@ REBUILT_PROVIDER_SCRIPT = """
 import asyncio, json, queue, sys
 import httpx, mlflow
 from mlflow.tracing.provider import _get_trace_exporter
-from mlflow_feedback_middleware.export import flush_exports
-from mlflow_feedback_middleware.export_losses import export_losses
-from mlflow_feedback_middleware.trace_info_client import FastTraceInfoClient
+from mlflow_feedback_middleware._mlflow.export import flush_exports
+from mlflow_feedback_middleware._mlflow.export_losses import export_losses
+from mlflow_feedback_middleware._mlflow.trace_info_client import FastTraceInfoClient
 from tests.apps import build_app
 
 def hooked():
@@ -310,7 +310,7 @@ import httpx, mlflow
 import mlflow.protos.service_pb2, mlflow.store.tracking.rest_store  # MLflow's client has its own reference
 del mlflow.protos.service_pb2.StartTraceV3  # as if MLflow had moved an internal the fast client mirrors
 from mlflow.tracing.provider import _get_trace_exporter
-from mlflow_feedback_middleware.export import flush_exports
+from mlflow_feedback_middleware._mlflow.export import flush_exports
 from tests.apps import build_app
 from tests.support import get_trace, middleware_log
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlflow_feedback_middleware import FeedbackRequest
-from mlflow_feedback_middleware.feedback_writer import FEEDBACK_ID_KEY
+from mlflow_feedback_middleware.delivery.writer import FEEDBACK_ID_KEY
 
 from .apps import build_app
 from .support import get_trace, http_scope

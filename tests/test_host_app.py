@@ -120,7 +120,7 @@ def test_the_feedback_path_is_served_at_the_same_place_whatever_the_first_scope(
     app = build_app(experiment_name=experiment_name)
     with UvicornThread(app) as server, httpx.Client(base_url=server.url) as client:
         wait_until(lambda: client.get("/feedback/schema").status_code == 200, 30, "the schema route answers")
-    from mlflow_feedback_middleware.routing import FeedbackRoute
+    from mlflow_feedback_middleware.asgi.routing import FeedbackRoute
 
     assert sum(isinstance(route, FeedbackRoute) for route in app.router.routes) == 1
 

@@ -19,7 +19,7 @@ _NO_LIFESPAN = r"""
 import asyncio, gc, sys, uuid
 import httpx
 from tests.apps import build_app
-from mlflow_feedback_middleware.export import flush_exports
+from mlflow_feedback_middleware._mlflow.export import flush_exports
 
 async def main():
     for _ in range(3):  # a test suite builds many apps

@@ -17,9 +17,9 @@ import pytest
 from mlflow.tracing.client import TracingClient
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 
-from mlflow_feedback_middleware.feedback_models import Assessment
-from mlflow_feedback_middleware.feedback_writer import FEEDBACK_ID_KEY, log_feedback
-from mlflow_feedback_middleware.outbox import Item, Outbox
+from mlflow_feedback_middleware.delivery.outbox import Item, Outbox
+from mlflow_feedback_middleware.delivery.writer import FEEDBACK_ID_KEY, log_feedback
+from mlflow_feedback_middleware.intake.models import Assessment
 
 from .apps import build_app
 from .support import (
@@ -220,8 +220,8 @@ OVERFLOW_SCRIPT = """
 import asyncio, json, sys, time
 import httpx, mlflow
 from tests.apps import build_app
-from mlflow_feedback_middleware.export import flush_exports
-from mlflow_feedback_middleware.trace_spool import configure_spool
+from mlflow_feedback_middleware._mlflow.export import flush_exports
+from mlflow_feedback_middleware._mlflow.trace_spool import configure_spool
 
 async def main():
     if int(sys.argv[2]):

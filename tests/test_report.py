@@ -21,9 +21,9 @@ import mlflow
 import pytest
 from mlflow.entities import AssessmentSource
 
-from mlflow_feedback_middleware.cli import main
-from mlflow_feedback_middleware.report import PAGE_SIZE, build_report, search_requests
-from mlflow_feedback_middleware.tracing import find_experiment
+from mlflow_feedback_middleware._mlflow.tracing import find_experiment
+from mlflow_feedback_middleware.insight.cli import main
+from mlflow_feedback_middleware.insight.report import PAGE_SIZE, build_report, search_requests
 
 from .apps import build_app
 from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, chromium_or_skip, client_for, full_mlflow_python, get_trace
@@ -313,7 +313,7 @@ print(json.dumps({"metrics": result.metrics, "rows": len(result.tables["eval_res
 STORE_DATASET = """
 import json, sys
 from mlflow.genai.datasets import get_dataset
-from mlflow_feedback_middleware.cli import main
+from mlflow_feedback_middleware.insight.cli import main
 
 main(["export", *sys.argv[1:]])
 df = get_dataset(name=sys.argv[-1]).to_df()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from mlflow_feedback_middleware import Binary, Categorical, Choice, FeedbackSchema, Scale, Text
-from mlflow_feedback_middleware.report import TracedRequest, Vote, summarize
+from mlflow_feedback_middleware.insight.report import TracedRequest, Vote, summarize
 
 from .apps import build_app
 from .support import client_for, get_trace

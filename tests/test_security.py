@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 
 from mlflow_feedback_middleware import FeedbackLimits, FeedbackTokens, MlflowFeedbackMiddleware, RateLimit
-from mlflow_feedback_middleware.tokens import as_secret_list
+from mlflow_feedback_middleware.intake.tokens import as_secret_list
 
 from .apps import build_app
 from .support import client_for, get_trace, http_scope

@@ -16,8 +16,8 @@ import pytest
 from mlflow.entities import MlflowExperimentLocation
 from mlflow.tracing import get_tracing_context_headers_for_http_request
 
-from mlflow_feedback_middleware.distributed import valid_traceparent
-from mlflow_feedback_middleware.tracing import find_experiment
+from mlflow_feedback_middleware._mlflow.distributed import valid_traceparent
+from mlflow_feedback_middleware._mlflow.tracing import find_experiment
 
 from .apps import build_app
 from .support import AppProcess, MlflowServer, client_for, get_trace, root_span, wait_until
@@ -88,7 +88,7 @@ def test_a_request_with_traceparent_continues_the_callers_trace(
 async def test_a_continuation_mlflow_refuses_still_answers_with_a_trace_of_its_own(
     experiment_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mlflow_feedback_middleware.distributed as distributed
+    import mlflow_feedback_middleware._mlflow.distributed as distributed
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise TypeError("MLflow's TraceInfo changed")

@@ -7,7 +7,7 @@ import json
 import httpx
 from websockets.sync.client import connect
 
-from mlflow_feedback_middleware.tokens import FeedbackTokens, as_secret_list
+from mlflow_feedback_middleware.intake.tokens import FeedbackTokens, as_secret_list
 
 from .apps import build_app
 from .support import UvicornThread, get_trace, root_span

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_feedback_middleware.capture import REDACTED, capture_for, is_sensitive, redact
+from mlflow_feedback_middleware.asgi.capture import capture_for
 from mlflow_feedback_middleware.config import DEFAULT_REDACT_FIELDS
+from mlflow_feedback_middleware.redaction import REDACTED, is_sensitive, redact
 
 FIELDS = frozenset(DEFAULT_REDACT_FIELDS)
 

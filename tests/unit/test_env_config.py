@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlflow_feedback_middleware.env_config import PARSERS, apply_environment, variable
-from mlflow_feedback_middleware.limits import RateLimit
+from mlflow_feedback_middleware.intake.limits import RateLimit
 
 DEFAULTS = {"rate_limit": RateLimit(), "export": "mlflow", "sse_final_event": None, "exclude_paths": ["/health"]}
 

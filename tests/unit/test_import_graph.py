@@ -1,4 +1,5 @@
-"""The package's modules import each other without cycles (type-only imports excepted). No server."""
+"""The package's layout holds: no import cycles between its modules (type-only imports included), and each
+subsystem imports only the ones below it. No server."""
 
 from __future__ import annotations
 
@@ -6,36 +7,52 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mlflow_feedback_middleware"
+NAME = PACKAGE.name
+
+# What each subsystem (or shared top-level module) may import besides itself, bottom up; `middleware`, the
+# entry point, may import anything. See ARCHITECTURE.md.
+LEAVES = {"ids", "redaction", "sqlite_files"}
+LAYERS: dict[str, set[str]] = {
+    **{leaf: set() for leaf in LEAVES},
+    "_mlflow": LEAVES,
+    "intake": LEAVES,
+    "config": {"intake", *LEAVES},
+    "env_config": {"intake", *LEAVES},
+    "delivery": {"_mlflow", "intake", *LEAVES},
+    "insight": {"_mlflow", "intake", *LEAVES},
+    "asgi": {"_mlflow", "intake", "delivery", "insight", "config", *LEAVES},
+}
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imports_of(path: Path) -> set[str]:
-    """The package modules `path` imports at run time, at any depth (not under `if TYPE_CHECKING:`)."""
+    """The package modules `path` imports, at any depth, as dotted names inside the package."""
+    name = module_name(path)
+    here = name.split(".") if name else []
+    package = here if path.name == "__init__.py" else here[:-1]
     found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
-                continue
-            if isinstance(child, ast.ImportFrom) and child.level == 1:
-                if child.module:
-                    found.add(child.module.split(".")[0])
-                else:
-                    found.update(alias.name for alias in child.names)
-            elif isinstance(child, ast.ImportFrom) and (child.module or "").startswith("mlflow_feedback_middleware."):
-                found.add(child.module.split(".")[1])  # type: ignore[union-attr]
-            visit(child)
-
-    visit(ast.parse(path.read_text()))
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            target = [*base, *(node.module.split(".") if node.module else [])]
+        elif (node.module or "").split(".")[0] == NAME:
+            target = node.module.split(".")[1:]  # type: ignore[union-attr]
+        else:
+            continue
+        found.add(".".join(target))
+        found.update(".".join([*target, alias.name]) for alias in node.names)  # `from . import module`
     return found
 
 
 def graph() -> dict[str, set[str]]:
-    modules = {path.stem: path for path in PACKAGE.glob("*.py")}
-    return {name: imports_of(path) & set(modules) - {name} for name, path in modules.items() if name != "__init__"}
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    return {name: imports_of(path) & set(modules) - {name, ""} for name, path in modules.items() if name}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -60,5 +77,25 @@ def test_the_checker_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 
+def test_the_checker_reads_relative_imports() -> None:
+    edges = graph()
+    assert "asgi.tracer" in edges["asgi.exchange"]
+    assert "_mlflow.tracing" in edges["asgi.exchange"]
+    assert "asgi.websocket" in imports_of(PACKAGE / "__init__.py")
+
+
 def test_no_import_cycles() -> None:
     assert cycles(graph()) == []
+
+
+def test_subsystems_import_only_the_ones_below_them() -> None:
+    wrong = []
+    for module, targets in graph().items():
+        layer = module.split(".")[0]
+        if layer == "middleware":
+            continue
+        for target in targets:
+            other = target.split(".")[0]
+            if other != layer and other not in LAYERS[layer]:
+                wrong.append(f"{module} -> {target}")
+    assert wrong == []

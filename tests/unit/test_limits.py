@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from starlette.requests import HTTPConnection
 
-from mlflow_feedback_middleware.limits import FeedbackLimits, RateLimit, RateLimiter
+from mlflow_feedback_middleware.intake.limits import FeedbackLimits, RateLimit, RateLimiter
 
 
 def conn(peer: str = "203.0.113.7", forwarded: str | None = None, user: object = None) -> HTTPConnection:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from mlflow.entities import AssessmentSource, Feedback
 
-from mlflow_feedback_middleware import outbox as outbox_module
-from mlflow_feedback_middleware.outbox import DELIVERED, Item, Outbox, OutboxFull
+from mlflow_feedback_middleware.delivery import outbox as outbox_module
+from mlflow_feedback_middleware.delivery.outbox import DELIVERED, Item, Outbox, OutboxFull
 
 TRACE = "tr-" + "b" * 32
 

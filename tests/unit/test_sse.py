@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_feedback_middleware.sse import SseTrailer, encode_event
+from mlflow_feedback_middleware.asgi.sse import SseTrailer, encode_event
 
 DATA = {"type": "done", "trace_id": "tr-1"}
 

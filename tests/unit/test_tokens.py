@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_feedback_middleware.tokens import FeedbackTokens, TokenError, as_secret_list
+from mlflow_feedback_middleware.intake.tokens import FeedbackTokens, TokenError, as_secret_list
 
 NEW, OLD = b"n" * 32, b"o" * 32
 TRACE = "tr-" + "a" * 32

@@ -11,7 +11,7 @@ from typing import Any
 from mlflow.entities import TraceInfo, TraceState
 from mlflow.entities.trace_location import TraceLocation
 
-from mlflow_feedback_middleware.trace_spool import TraceSpool
+from mlflow_feedback_middleware._mlflow.trace_spool import TraceSpool
 
 
 class FakeSpan:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mlflow_feedback_middleware.wire_formats import (
+from mlflow_feedback_middleware.asgi.wire_formats import (
     ANTHROPIC,
     LANGCHAIN,
     OPENAI_CHAT,

@@ -25,6 +25,9 @@ from typing import Any
 import mlflow
 from mlflow.entities import LiveSpan, MlflowExperimentLocation, SpanType, TraceInfo, TraceState
 from mlflow.entities.trace_location import TraceLocation
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from . import internals
 
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
@@ -56,23 +59,22 @@ def _drop_expired(manager: Any, now: float) -> None:
 @contextmanager
 def continued_root(name: str, traceparent: str, experiment_id: str) -> Iterator[LiveSpan]:
     """A root span for this request, child of the caller's span named by `traceparent` (validated)."""
-    from mlflow.tracing.provider import get_context_api
-    from mlflow.tracing.trace_manager import InMemoryTraceManager
-    from mlflow.tracing.utils import generate_mlflow_trace_id_from_otel_trace_id
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
+    continuation = internals.trace_continuation()
     try:
-        manager = InMemoryTraceManager.get_instance()
+        if continuation is None:
+            raise LookupError("MLflow's trace-continuation internals are missing")
+        manager = continuation.manager
         _drop_expired(manager, time.monotonic())
         otel_trace_id = int(traceparent[3:35], 16)
-        trace_id = generate_mlflow_trace_id_from_otel_trace_id(otel_trace_id)
+        trace_id = continuation.mlflow_trace_id(otel_trace_id)
         with manager.get_trace(trace_id) as local:
             registered = local is None  # else the caller runs in this very process: its trace is already here
         if registered:
             location = TraceLocation.from_experiment_id(experiment_id)
             info = TraceInfo(trace_id, location, int(time.time() * 1000), TraceState.IN_PROGRESS)
             manager.register_trace(otel_trace_id, info, is_remote_trace=True)
-        token = get_context_api().attach(TraceContextTextMapPropagator().extract({"traceparent": traceparent}))
+        context_api = continuation.context_api
+        token = context_api.attach(TraceContextTextMapPropagator().extract({"traceparent": traceparent}))
     except Exception:  # MLflow internals moved: a trace of its own beats a failed request
         logger.warning("could not continue the caller's trace; starting a new one", exc_info=True)
         destination = MlflowExperimentLocation(experiment_id=experiment_id)
@@ -83,7 +85,7 @@ def continued_root(name: str, traceparent: str, experiment_id: str) -> Iterator[
         with mlflow.start_span(name, span_type=SpanType.CHAIN) as span:
             yield span
     finally:
-        get_context_api().detach(token)
+        context_api.detach(token)
         if registered:
             with _lock:
                 _expiring.append((time.monotonic() + _KEEP_SECONDS, otel_trace_id))

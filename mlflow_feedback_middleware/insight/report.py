@@ -22,8 +22,8 @@ from typing import Any
 
 from mlflow.entities import Assessment, Trace
 
-from .feedback_models import RATING_PREFIX, SEED_FEEDBACK_NAME
-from .schema import FeedbackSchema
+from ..intake.models import RATING_PREFIX, SEED_FEEDBACK_NAME
+from ..intake.schema import FeedbackSchema
 
 PAGE_SIZE = 500  # the tracking server's largest page for trace searches
 LATEST_COMMENTS = 10

@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
 from mlflow.entities import LiveSpan
 from starlette.requests import HTTPConnection
 from starlette.types import Message, Receive, Scope, Send
 
+from .._mlflow.distributed import valid_traceparent
+from .._mlflow.tracing import hoist_trace_tags, link_caller, logger, rename_root, set_trace_tags
+from ..ids import clean_principal_id, is_valid_client_request_id, new_client_request_id
 from .capture import BodyCapture, capture_for, media_type
 from .context import RequestIds, current_ids
-from .distributed import valid_traceparent
-from .ids import clean_principal_id, is_valid_client_request_id, new_client_request_id
 from .sse import SseTrailer, encode_event
-from .tracing import hoist_trace_tags, link_caller, logger, rename_root, set_trace_tags
+from .tracer import RequestTracer
 from .wire_formats import SseEventReader, format_from_headers, is_chat_answer, is_chat_request
-
-if TYPE_CHECKING:
-    from .middleware import MlflowFeedbackMiddleware
 
 _OUTCOME_ATTRIBUTE = "http.outcome"
 _DISCONNECTED = "client_disconnected"
@@ -49,12 +47,12 @@ class TracedExchange:
         "_entry_root_path",
         "_held",
         "_held_start",
-        "_mw",
         "_reader",
         "_request_body",
         "_response_body",
         "_return_trace_id",
         "_sse",
+        "_tracer",
         "client_gone",
         "ids",
         "response_complete",
@@ -63,8 +61,8 @@ class TracedExchange:
         "status",
     )
 
-    def __init__(self, mw: MlflowFeedbackMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
-        self._mw = mw
+    def __init__(self, tracer: RequestTracer, scope: Scope, receive: Receive, send: Send) -> None:
+        self._tracer = tracer
         self.scope = scope
         self._app_receive = receive
         self._app_send = send
@@ -83,16 +81,16 @@ class TracedExchange:
         self.status: int | None = None
 
     async def run(self) -> None:
-        mw, scope = self._mw, self.scope
-        settings = mw.settings
+        tracer, scope = self._tracer, self.scope
+        settings = tracer.settings
         request_id = session_id = traceparent = None
         content_type = ""
         for name, value in scope["headers"]:
-            if name == mw.request_id_header_key:
+            if name == tracer.request_id_header_key:
                 request_id = _header_value(value)
             elif name == b"traceparent":
                 traceparent = valid_traceparent(_header_value(value))
-            elif name == mw.session_id_header_key:
+            elif name == tracer.session_id_header_key:
                 session_id = clean_principal_id(_header_value(value))
             elif name == b"content-type":
                 content_type = _header_value(value)
@@ -110,22 +108,22 @@ class TracedExchange:
         # A caller's trace is continued only when its callers are trusted to export it (see the README):
         # else a gateway's traceparent would leave this request unstored, or a forged one name another's trace.
         continued = traceparent if settings.trust_traceparent else None
-        with mw.backend.start_root(f"{scope['method']} {scope['path']}", continued) as span:
-            if not mw.backend.is_real(span):
-                await mw.app(scope, self._app_receive, self._app_send)
+        with tracer.backend.start_root(f"{scope['method']} {scope['path']}", continued) as span:
+            if not tracer.backend.is_real(span):
+                await tracer.app(scope, self._app_receive, self._app_send)
                 return
             assert isinstance(span, LiveSpan)
             own = continued is None or span.parent_id is None  # a refused continuation starts a trace of its own
-            self.ids = mw.adopt(span, HTTPConnection(scope), request_id, session_id, own, chosen_by_client)
+            self.ids = tracer.adopt(span, HTTPConnection(scope), request_id, session_id, own, chosen_by_client)
             if traceparent is not None and continued is None:
-                link_caller(span, traceparent, mw.backend.otlp)
+                link_caller(span, traceparent, tracer.backend.otlp)
             state = scope.setdefault("state", {})
             state["mlflow_trace_id"] = span.trace_id
             state["client_request_id"] = request_id
             state["mlflow_feedback_token"] = self.ids.feedback_token
             token = current_ids.set(self.ids)
             try:
-                await mw.app(scope, self.receive, self.send)
+                await tracer.app(scope, self.receive, self.send)
             except BaseException as exc:
                 error = exc
                 if isinstance(exc, Exception) and not self.response_started and self._may_answer_error():
@@ -133,7 +131,7 @@ class TracedExchange:
             finally:
                 current_ids.reset(token)
                 self._finish(span, error)
-        mw.recent.ended(self.ids.trace_id)
+        tracer.recent.ended(self.ids.trace_id)
         if error is not None:
             raise error
 
@@ -179,7 +177,7 @@ class TracedExchange:
         await self._send_raw(message)
 
     def _start_response(self, message: Message) -> Message:
-        mw, settings = self._mw, self._mw.settings
+        tracer, settings = self._tracer, self._tracer.settings
         assert self.ids is not None
         self.response_started = True
         self.status = message["status"]
@@ -194,19 +192,19 @@ class TracedExchange:
                 fixed_length = True
             elif lower == b"content-encoding":
                 encoded = True
-            elif lower == mw.trace_id_header_key:
+            elif lower == tracer.trace_id_header_key:
                 has_trace_id = True
-            elif lower == mw.request_id_header_key:
+            elif lower == tracer.request_id_header_key:
                 has_request_id = True
-            elif lower == mw.token_header_key:
+            elif lower == tracer.token_header_key:
                 has_token = True
         ids = self.ids
         if not has_trace_id:
-            headers.append((mw.trace_id_header_key, ids.trace_id.encode()))
+            headers.append((tracer.trace_id_header_key, ids.trace_id.encode()))
         if not has_request_id:
-            headers.append((mw.request_id_header_key, ids.client_request_id.encode()))
+            headers.append((tracer.request_id_header_key, ids.client_request_id.encode()))
         if ids.feedback_token is not None and not has_token:
-            headers.append((mw.token_header_key, ids.feedback_token.encode()))
+            headers.append((tracer.token_header_key, ids.feedback_token.encode()))
         media = media_type(content_type)
         if media == "text/event-stream" and not (fixed_length or encoded):
             self._reader = SseEventReader(format_from_headers(headers), settings.capture_response_body)
@@ -226,7 +224,7 @@ class TracedExchange:
     def _trace_event(self, sep: bytes) -> bytes:
         """The in-band trace event for this stream, asked for once its wire format is known: see the
         README's trailer policy. Only called where `sse_final_event` is not False."""
-        ids, settings = self.ids, self._mw.settings
+        ids, settings = self.ids, self._tracer.settings
         assert ids is not None
         if self._return_trace_id:  # the client asked in MLflow AgentServer's words: its shape, exactly
             return encode_event(None, {"trace_id": ids.trace_id}, sep)
@@ -318,9 +316,9 @@ class TracedExchange:
         template = getattr(route, "path_format", None) or getattr(route, "path", None)
         if template:
             prefix = scope.get("root_path", "")[len(self._entry_root_path) :]
-            rename_root(span, f"{method} {prefix}{template}", self._mw.backend.otlp)
+            rename_root(span, f"{method} {prefix}{template}", self._tracer.backend.otlp)
             span.set_attribute("http.route", prefix + template)
-        settings = self._mw.settings
+        settings = self._tracer.settings
         inputs: dict[str, Any] = {"method": method, "path": scope["path"]}
         query = scope.get("query_string", b"")
         if query:
@@ -361,8 +359,8 @@ class TracedExchange:
         span.set_attribute(_OUTCOME_ATTRIBUTE, outcome)
         if outcome != "completed":
             # searchable: tags.`http.outcome` = 'error'
-            set_trace_tags(span, {_OUTCOME_ATTRIBUTE: outcome}, self._mw.backend.otlp)
+            set_trace_tags(span, {_OUTCOME_ATTRIBUTE: outcome}, self._tracer.backend.otlp)
         chat_answer = answer is not None and "body" in outputs and outcome == "completed" and (self.status or 500) < 400
         span.set_outputs(outputs["body"] if chat_answer else outputs)
-        if self._mw.backend.otlp:
+        if self._tracer.backend.otlp:
             hoist_trace_tags(span)

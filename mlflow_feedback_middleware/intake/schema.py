@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .feedback_models import RATING_PREFIX, SEED_FEEDBACK_NAME, Assessment, FeedbackRequest, binary_value
+from .models import RATING_PREFIX, SEED_FEEDBACK_NAME, Assessment, FeedbackRequest, binary_value
 
 Polarity = Literal["positive", "negative"]
 

@@ -20,19 +20,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlflow.entities import LiveSpan
 from starlette.websockets import WebSocket, WebSocketState
 
+from .._mlflow.tracing import hoist_trace_tags, logger
+from ..ids import clean_principal_id, new_client_request_id
 from .context import RequestIds, current_ids
-from .ids import clean_principal_id, new_client_request_id
-from .tracing import hoist_trace_tags, logger
-
-if TYPE_CHECKING:
-    from .middleware import MlflowFeedbackMiddleware
-
-STATE_KEY = "mlflow_feedback_middleware"  # where the middleware leaves itself in a websocket's scope state
+from .tracer import STATE_KEY, RequestTracer
 
 
 class Turn:
@@ -60,33 +56,33 @@ async def traced_turn(
     service signs tokens). Without the middleware in front of the app, or without a usable tracking
     server, the turn runs untraced and nothing is sent.
     """
-    mw: MlflowFeedbackMiddleware | None = websocket.scope.get("state", {}).get(STATE_KEY)
-    if mw is None or await mw.backend.ready(mw.settings.startup_timeout_seconds) is None:
+    tracer: RequestTracer | None = websocket.scope.get("state", {}).get(STATE_KEY)
+    if tracer is None or await tracer.backend.ready(tracer.settings.startup_timeout_seconds) is None:
         yield Turn(None, None)
         return
     path: str = websocket.scope.get("path", "")
     ids: RequestIds | None = None
     try:
-        with mw.backend.start_root(name or f"WEBSOCKET {path}") as span:
-            if not mw.backend.is_real(span):
+        with tracer.backend.start_root(name or f"WEBSOCKET {path}") as span:
+            if not tracer.backend.is_real(span):
                 yield Turn(None, None)
                 return
             assert isinstance(span, LiveSpan)
-            session = clean_principal_id(websocket.headers.get(mw.settings.session_id_header))
-            ids = mw.adopt(span, websocket, new_client_request_id(), session)
+            session = clean_principal_id(websocket.headers.get(tracer.settings.session_id_header))
+            ids = tracer.adopt(span, websocket, new_client_request_id(), session)
             if inputs is not None:
-                span.set_inputs(mw.settings.redact(inputs))
+                span.set_inputs(tracer.settings.redact(inputs))
             span.set_attribute("websocket.path", path)
             reset = current_ids.set(ids)
             try:
-                yield Turn(ids, span, mw.settings.redact)
+                yield Turn(ids, span, tracer.settings.redact)
             finally:
                 current_ids.reset(reset)
-                if mw.backend.otlp:
+                if tracer.backend.otlp:
                     hoist_trace_tags(span)
     finally:
         if ids is not None:
-            mw.recent.ended(ids.trace_id)
+            tracer.recent.ended(ids.trace_id)
     if send_ids and websocket.application_state == WebSocketState.CONNECTED:
         message = {"type": "mlflow_trace", "trace_id": ids.trace_id, "client_request_id": ids.client_request_id}
         if ids.feedback_token is not None:

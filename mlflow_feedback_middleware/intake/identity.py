@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from starlette.requests import HTTPConnection
 
-from .ids import clean_principal_id
+from ..ids import clean_principal_id
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 

@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .feedback_models import Assessment
-from .sqlite_files import create_private, immediate
+from ..intake.models import Assessment
+from ..sqlite_files import create_private, immediate
 
 LEASE_SECONDS = 30.0
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"

@@ -23,15 +23,10 @@ import mlflow
 from mlflow.entities import LiveSpan, MlflowExperimentLocation, SpanType
 from mlflow.exceptions import MlflowException
 
+from . import internals
 from .distributed import continued_root
-from .export import (
-    flush_exports,
-    skip_absent_module_probes,
-    speed_up_mlflow_exporter,
-    spool_unexported,
-    use_otlp_export,
-)
-from .export_losses import current_trace_exporter, export_losses
+from .export import flush_exports, speed_up_mlflow_exporter, spool_unexported, use_otlp_export
+from .export_losses import export_losses
 from .server_watch import probe
 from .trace_info_client import close_fast_connections
 from .trace_spool import current_spool
@@ -137,7 +132,7 @@ class MlflowBackend:
     def __init__(
         self, tracking_uri: str | None, experiment_name: str | None, threads: int, export: str = "mlflow"
     ) -> None:
-        skip_absent_module_probes()
+        internals.mark_absent_modules()
         if tracking_uri:
             # MLflow's tracing provider has one process-wide tracking URI; setting it is the only way.
             mlflow.set_tracking_uri(tracking_uri)
@@ -268,19 +263,13 @@ class MlflowBackend:
     def _warm_up(self) -> None:
         """Build MLflow's tracer provider and exporter now, on this thread, so the first request costs what
         the second does: MLflow builds them inside the first span, on the event loop (0.4-2 s measured)."""
-        try:
-            from mlflow.tracing.provider import _get_tracer
-
-            _get_tracer(__name__)
-        except Exception:  # MLflow moved it: the first span builds the tracer, as MLflow intends
-            logger.debug("could not set up MLflow's tracer ahead of the first request", exc_info=True)
-            return
-        self._hook_exporter()
+        if internals.build_tracer(__name__):
+            self._hook_exporter()
 
     def _hook_exporter(self) -> None:
         """Count the losses of, and speed up, the exporter MLflow uses now: again whenever MLflow has built a
         new one (`mlflow.set_experiment` and `mlflow.set_tracking_uri` reset its tracer provider). About 3 µs."""
-        exporter = current_trace_exporter()
+        exporter = internals.trace_exporter()
         if exporter is None or exporter is self._hooked_exporter:
             return
         self._hooked_exporter = exporter
@@ -347,10 +336,8 @@ def hoist_trace_tags(span: LiveSpan) -> None:
     With OTLP export, MLflow's processor would copy them there itself, after the span ended, and fail
     (see `set_trace_tags`), losing the trace; moved here first, they survive as tags on the server.
     """
-    from mlflow.tracing.trace_manager import InMemoryTraceManager
-
     try:
-        with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
+        with internals.in_memory_trace(span.trace_id) as trace:
             if trace is None:
                 return
             tags = trace.info.tags
@@ -409,10 +396,10 @@ def link_caller(span: LiveSpan, traceparent: str, otlp: bool) -> None:
 def rename_root(span: LiveSpan, name: str, otlp: bool) -> None:
     """Rename the root span and the trace once the route template is known.
 
-    MLflow has no public rename; the OTel span it wraps has one, and the trace-name tag is public.
+    MLflow has no public rename (see `internals.rename_span`); the trace-name tag is public.
     """
     try:
-        span._span.update_name(name)  # type: ignore[attr-defined]
+        internals.rename_span(span, name)
         set_trace_tags(span, {_TRACE_NAME_TAG: name}, otlp)
     except Exception:  # naming is cosmetic: never let it fail a request
         logger.debug("could not rename root span to %r", name, exc_info=True)
@@ -423,9 +410,7 @@ def find_experiment(uri: str, name: str | None, experiment_id: str | None, creat
 
     Raises LookupError for a missing experiment that is not to be created.
     """
-    from mlflow.tracking._tracking_service.client import TrackingServiceClient
-
-    client = TrackingServiceClient(uri)
+    client = internals.tracking_service_client(uri)
     if name:
         experiment = client.get_experiment_by_name(name)
         if experiment is None and create:

@@ -23,8 +23,13 @@ import threading
 import time
 from typing import Any
 
-from .export import flush_exports
-from .feedback_writer import (
+from .._mlflow.export import flush_exports
+from .._mlflow.server_watch import ServerWatch
+from .._mlflow.trace_spool import current_spool
+from .._mlflow.tracing import MlflowBackend
+from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
+from .registry import RecentTraces
+from .writer import (
     AMBIGUOUS,
     CHOSEN_BY_CLIENT,
     NOT_FOUND,
@@ -38,11 +43,6 @@ from .feedback_writer import (
     trace_facts,
     update_feedback,
 )
-from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
-from .registry import RecentTraces
-from .server_watch import ServerWatch
-from .trace_spool import current_spool
-from .tracing import MlflowBackend
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
@@ -318,7 +318,7 @@ class FeedbackDelivery:
 
     def recheck_failed(self) -> int:
         """Put back in the queue the items failed for a missing trace that has appeared since; how many."""
-        from .feedback_writer import trace_exists
+        from .writer import trace_exists
 
         since = time.time() - _RECHECK_HORIZON_SECONDS
         revived = 0

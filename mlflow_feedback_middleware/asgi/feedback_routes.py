@@ -21,20 +21,20 @@ from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from .config import Settings
-from .delivery import WAITING, FeedbackDelivery
-from .feedback_models import FeedbackRequest, limit_violations, to_assessments
-from .feedback_writer import AMBIGUOUS, CHOSEN_BY_CLIENT, NOT_FOUND, REFUSED, REJECTED
-from .identity import ANONYMOUS
-from .ids import clean_principal_id
-from .limits import RateLimiter
-from .outbox import DELIVERED, Item, OutboxFull
-from .registry import RecentTraces
-from .report import GROUPINGS, build_report, parse_time, search_requests
+from .._mlflow.tracing import MlflowBackend, logger
+from ..config import Settings
+from ..delivery.feedback_delivery import WAITING, FeedbackDelivery
+from ..delivery.outbox import DELIVERED, Item, OutboxFull
+from ..delivery.registry import RecentTraces
+from ..delivery.writer import AMBIGUOUS, CHOSEN_BY_CLIENT, NOT_FOUND, REFUSED, REJECTED
+from ..ids import clean_principal_id
+from ..insight.report import GROUPINGS, build_report, parse_time, search_requests
+from ..intake.identity import ANONYMOUS
+from ..intake.limits import RateLimiter
+from ..intake.models import FeedbackRequest, limit_violations, to_assessments
+from ..intake.schema import SchemaError, default_schema
+from ..intake.tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .routing import route_path
-from .schema import SchemaError, default_schema
-from .tokens import FeedbackGrant, FeedbackTokens, TokenError
-from .tracing import MlflowBackend, logger
 
 _ID_FIELDS = ("trace_id", "client_request_id")
 # The delivery thread gives its "not found" verdict after `feedback_wait_seconds` plus its last retry

@@ -17,8 +17,8 @@ from mlflow.entities import AssessmentSource, Feedback
 from mlflow.exceptions import MlflowException
 from mlflow.tracing.client import TracingClient
 
-from .feedback_models import Assessment
-from .tracing import CLIENT_REQUEST_ID_TAG, REQUEST_ID_SOURCE_TAG
+from .._mlflow.tracing import CLIENT_REQUEST_ID_TAG, REQUEST_ID_SOURCE_TAG
+from ..intake.models import Assessment
 
 FEEDBACK_ID_KEY = "mlflow_feedback.feedback_id"
 NOT_FOUND, REJECTED, UNAVAILABLE, REFUSED = "not_found", "rejected", "unavailable", "refused"

@@ -1,5 +1,5 @@
 """What MLflow's export path loses, counted where MLflow only logs it, and the hooks into its exporter that
-count it: the one place that reads the exporter MLflow uses now and its task queue."""
+count it (through `internals`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from . import internals
 from .trace_spool import current_spool
 
 logger = logging.getLogger("mlflow_feedback_middleware")
@@ -69,16 +70,13 @@ class ExportLosses:
     def watch(self) -> None:
         """Hook the exporter MLflow uses now; call again after it is rebuilt. Never raises."""
         try:
-            from mlflow.tracing.provider import _get_span_processor, _get_trace_exporter
-
-            export_queue = _export_queue(_get_trace_exporter())
+            export_queue = internals.export_queue(internals.trace_exporter())
             if type(export_queue) is queue.Queue:
                 export_queue.__class__ = self._counting_queue()
                 self.watching = True
             elif isinstance(export_queue, queue.Queue):
                 self.watching = True  # hooked already
-            batch = getattr(_get_span_processor(), "_batch_processor", None)
-            metrics = getattr(batch, "_metrics", None)
+            metrics = internals.otlp_drop_metrics(internals.span_processor())
             drop_items = getattr(metrics, "drop_items", None)
             if metrics is not None and drop_items is not None and not getattr(drop_items, "_counted", False):
 
@@ -90,7 +88,7 @@ class ExportLosses:
                 counted_drop._counted = True  # type: ignore[attr-defined]
                 metrics.drop_items = counted_drop
                 self.watching = True
-        except Exception:
+        except Exception:  # counting is a courtesy: MLflow's exporter works the same without it
             logger.debug("cannot count MLflow's export losses", exc_info=True)
 
     def _counting_queue(self) -> type[queue.Queue[Any]]:
@@ -98,9 +96,7 @@ class ExportLosses:
 
         class CountingQueue(queue.Queue[Any]):
             def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-                handler = getattr(item, "handler", None)
-                if handler is not None and not getattr(handler, "_counted", False):
-                    item.handler = losses._counting_handler(handler)
+                internals.wrap_task_handler(item, losses._counting_handler)
                 try:
                     super().put(item, block, timeout)
                 except queue.Full:
@@ -112,27 +108,27 @@ class ExportLosses:
 
     def _count_dropped(self, task: Any) -> None:
         """Count a task MLflow's full export queue refused (or the spool could not take)."""
-        trace_task = getattr(getattr(task, "handler", None), "__name__", "") == "_log_trace"
-        self._count("traces_dropped" if trace_task else "span_batches_dropped")
-        if not trace_task:  # _log_spans(experiment_id, spans, workspace)
-            args: Any = getattr(task, "args", ())
-            self._remember_dropped_spans(args[1] if len(args) > 1 else None)
+        decoded = internals.decode_task(task)
+        if decoded is not None and decoded.spans is not None:
+            self._count("span_batches_dropped")
+            self._remember_dropped_spans(decoded.spans)
+        else:
+            self._count("traces_dropped")
 
     def _overflow_to_spool(self, task: Any) -> bool:
         """Hand a task the full export queue refused to the trace spool (written off this thread, replayed
         at the server's pace); False when there is no spool or the task is not one it knows."""
         spool = current_spool()
-        if spool is None:
+        decoded = internals.decode_task(task)
+        if spool is None or decoded is None:
             return False
-        name = getattr(getattr(task, "handler", None), "__name__", "")
-        args: Any = getattr(task, "args", ())
-        if name == "_log_trace" and args and getattr(args[0], "info", None) is not None:
-            trace = args[0]
-            _release_held(trace.info.trace_id)  # the spool keeps the whole trace: held batches are in it
+        if decoded.trace is not None:
+            trace = decoded.trace
+            release_held(trace.info.trace_id)  # the spool keeps the whole trace: held batches are in it
             spans = list(getattr(trace.data, "spans", None) or [])
             spool.add_later(lambda: spool.add_info(trace.info, spans), lambda: self._count_dropped(task), 1)
-        elif name == "_log_spans" and len(args) > 1:
-            location, spans = str(args[0]), list(args[1])
+        else:
+            location, spans = str(decoded.location), decoded.spans or []
             # Until the spool has them, these spans count as lost: a trace info sent meanwhile keeps MLflow's
             # artifact upload (at worst a second copy, never none).
             self._remember_dropped_spans(spans)
@@ -144,8 +140,6 @@ class ExportLosses:
                 return stored
 
             spool.add_later(add_spans, lambda: self._count("span_batches_dropped"), 0)
-        else:
-            return False
         self._count("overflow_spooled")
         return True
 
@@ -157,8 +151,6 @@ class ExportLosses:
                 self._count("exports_failed")
                 raise
 
-        counted._counted = True  # type: ignore[attr-defined]
-        counted.__name__ = getattr(handler, "__name__", "handler")
         return counted
 
     def snapshot(self) -> dict[str, int | None]:
@@ -178,28 +170,8 @@ class ExportLosses:
 export_losses = ExportLosses()
 
 
-def current_trace_exporter() -> Any:
-    """The exporter of MLflow's current tracer provider, or None (not built yet, or MLflow moved it)."""
-    try:
-        from mlflow.tracing.provider import _get_trace_exporter
-
-        return _get_trace_exporter()
-    except Exception:
-        return None
-
-
-def _export_queue(exporter: Any) -> Any:
-    """The task queue of MLflow's async exporter (`exporter._async_queue._queue`), or None."""
-    return getattr(getattr(exporter, "_async_queue", None), "_queue", None)
-
-
-def _release_held(trace_id: str) -> None:
+def release_held(trace_id: str) -> None:
     """Forget the span batches the fast trace-info client holds for `trace_id` (spooled with its trace)."""
-    try:
-        from mlflow.tracing.provider import _get_trace_exporter
-
-        take = getattr(getattr(_get_trace_exporter(), "_client", None), "take_held", None)
-        if take is not None:
-            take(trace_id)
-    except Exception:
-        logger.debug("cannot release held spans", exc_info=True)
+    take = getattr(internals.exporter_client(internals.trace_exporter()), "take_held", None)
+    if take is not None:
+        take(trace_id)

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from .ids import is_valid_client_request_id, is_valid_trace_id
+from ..ids import is_valid_client_request_id, is_valid_trace_id
 from .limits import FeedbackLimits, json_size
 
 MAX_TEXT = 10_000

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .sqlite_files import create_private, immediate
+from ..sqlite_files import create_private, immediate
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 

@@ -20,9 +20,9 @@ from typing import Any, TextIO
 
 import mlflow
 
+from .._mlflow.tracing import find_experiment
+from ..intake.schema import FeedbackSchema
 from .report import GROUPINGS, build_report, iso_time, parse_time, search_requests
-from .schema import FeedbackSchema
-from .tracing import find_experiment
 
 
 def _experiment_id(name: str | None, experiment_id: str | None) -> str:

@@ -35,34 +35,15 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse
 
-import mlflow
 from mlflow.entities import Trace, TraceData
 from mlflow.exceptions import RestException
 
+from . import internals
 from .export_losses import export_losses
 from .server_watch import probe
 from .trace_spool import current_spool
 
 logger = logging.getLogger("mlflow_feedback_middleware")
-
-# Internals of MLflow's REST client this client mirrors (verified with mlflow-tracing 3.17). Where one is
-# missing, MLflow's own client sends every trace info, with one warning (see install_fast_trace_info_client).
-_MISSING_INTERNAL: str | None = None
-_MISSING_WARNED = False
-try:
-    from mlflow.entities.trace_info_v2 import _truncate_request_metadata, _truncate_tags
-    from mlflow.protos.service_pb2 import StartTraceV3
-    from mlflow.tracking.request_header.registry import resolve_request_headers
-    from mlflow.utils.proto_json_utils import message_to_json
-except ImportError as exc:
-    _MISSING_INTERNAL = str(exc)
-try:
-    from mlflow.utils.workspace_context import get_request_workspace
-except ImportError:  # MLflow before workspaces (3.9): no request has one
-
-    def get_request_workspace() -> str | None:
-        return None
-
 
 _START_TRACE_PATH = "/api/3.0/mlflow/traces"
 # After the server refused a connection, span batches go to the spool without trying for this long: MLflow's
@@ -103,8 +84,8 @@ def start_trace_body(trace_info: Any) -> str:
         },
         "request_time": _rfc3339(trace_info.request_time),
         "state": str(trace_info.state),
-        "trace_metadata": _truncate_request_metadata(trace_info.trace_metadata),
-        "tags": _truncate_tags(trace_info.tags),
+        "trace_metadata": internals.truncate_request_metadata(trace_info.trace_metadata),
+        "tags": internals.truncate_tags(trace_info.tags),
     }
     if trace_info.client_request_id is not None:
         info["client_request_id"] = trace_info.client_request_id
@@ -117,15 +98,14 @@ def start_trace_body(trace_info: Any) -> str:
 
 
 def _proto_body(trace_info: Any) -> str:
-    return str(message_to_json(StartTraceV3(trace=Trace(info=trace_info, data=TraceData(spans=[])).to_proto())))
+    return internals.start_trace_proto_json(Trace(info=trace_info, data=TraceData(spans=[])))
 
 
 def _plain_host_creds(client: Any) -> Any | None:
     """The credentials MLflow's REST store uses, when this client can use them as they are, else None."""
-    get_host_creds = getattr(client.store, "get_host_creds", None)
-    if get_host_creds is None:
+    creds = internals.host_creds(client)
+    if creds is None:
         return None
-    creds = get_host_creds()
     unsupported = (
         creds.aws_sigv4
         or creds.auth
@@ -172,7 +152,7 @@ class FastTraceInfoClient:
     @staticmethod
     def _fixed_headers(creds: Any) -> dict[str, str]:
         # Header providers describe the process (user agent, environment); resolved once, not per call.
-        headers = {str(k): str(v) for k, v in resolve_request_headers().items()}
+        headers = internals.request_headers()
         headers["Content-Type"] = "application/json"
         if creds.username and creds.password:
             basic = base64.standard_b64encode(f"{creds.username}:{creds.password}".encode()).decode("ascii")
@@ -238,7 +218,7 @@ class FastTraceInfoClient:
         """Upsert the trace info; returns it with the tags the server added (as MLflow's client does)."""
         data = None
         # A workspace (header per request) is MLflow's client's business.
-        if not get_request_workspace():
+        if not internals.request_workspace():
             try:
                 body = start_trace_body(trace_info).encode()
             except Exception:  # MLflow's entities changed under us: its own client knows them
@@ -261,9 +241,7 @@ class FastTraceInfoClient:
                 trace_info.tags.update({str(k): str(v) for k, v in stored.get("tags", {}).items()})
             except (ValueError, KeyError, TypeError, AttributeError):
                 logger.debug("unexpected StartTraceV3 answer; the trace info was stored", exc_info=True)
-            if getattr(self._exporter, "_store_supports_log_spans", False) and not export_losses.spans_dropped(
-                trace_info.trace_id
-            ):
+            if internals.exporter_logs_spans(self._exporter) and not export_losses.spans_dropped(trace_info.trace_id):
                 # The server tags a trace's spans location when its spans arrive; the exporter sends
                 # those in a separate task that may land after this one, and without the tag it would
                 # also upload the whole trace as an artifact: a second copy, and the costliest call.
@@ -327,7 +305,7 @@ class FastTraceInfoClient:
         try:
             self._upload_spans(location, spans)
         except NotImplementedError:
-            self._exporter._store_supports_log_spans = False
+            internals.stop_span_logging(self._exporter)
         except Exception as exc:
             logger.debug("failed to log held spans to MLflow: %s", exc)
 
@@ -378,7 +356,7 @@ class FastTraceInfoClient:
         """MLflow's span batch upload. Spans of a trace whose info is not stored yet wait for it (see the
         module's docstring). While the server is down (or when the upload fails without an answer from
         it), the batch is spooled for replay instead of dropped."""
-        if self._spans_ok and not get_request_workspace():
+        if self._spans_ok and not internals.request_workspace():
             spans = self._hold(location, spans)
             if not spans:
                 return None
@@ -416,19 +394,10 @@ class FastTraceInfoClient:
 
 def install_fast_trace_info_client(exporter: Any) -> FastTraceInfoClient | None:
     """Give MLflow's exporter the fast trace-info client, when its tracking URI is one it covers."""
-    client = getattr(exporter, "_client", None)
+    client = internals.exporter_client(exporter)
     if isinstance(client, FastTraceInfoClient):
         return client
-    global _MISSING_WARNED
-    if _MISSING_INTERNAL is not None:
-        if not _MISSING_WARNED:
-            _MISSING_WARNED = True
-            logger.warning(
-                "MLflow API changed (mlflow-tracing %s: %s): trace infos go through MLflow's own client, as"
-                " without this middleware (about 3 ms more CPU per trace; nothing is lost)",
-                mlflow.__version__,
-                _MISSING_INTERNAL,
-            )
+    if not internals.start_trace_helpers_available():
         return None
     if client is None or not hasattr(client, "start_trace"):
         return None
@@ -441,7 +410,7 @@ def install_fast_trace_info_client(exporter: Any) -> FastTraceInfoClient | None:
         logger.debug("trace infos go through MLflow's own client (%s: not a plain tracking server)", uri)
         return None
     fast = FastTraceInfoClient(client, uri, creds, exporter)
-    exporter._client = fast
+    internals.replace_exporter_client(exporter, fast)
     # Whichever runs first at exit, MLflow's final flush or this, no socket is left for the GC to warn of.
     atexit.register(fast.close_connections, True)
     return fast
@@ -449,11 +418,6 @@ def install_fast_trace_info_client(exporter: Any) -> FastTraceInfoClient | None:
 
 def close_fast_connections() -> None:
     """Close the kept-alive connections of the fast client MLflow's exporter has now, if it has one."""
-    try:
-        from mlflow.tracing.provider import _get_trace_exporter
-
-        client = getattr(_get_trace_exporter(), "_client", None)
-    except Exception:
-        return
+    client = internals.exporter_client(internals.trace_exporter())
     if isinstance(client, FastTraceInfoClient):
         client.close_connections()

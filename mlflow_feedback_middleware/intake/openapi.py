@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .feedback_models import FeedbackRequest
+from .models import FeedbackRequest
 
 _TAG = "feedback"
 _TRACE_ID = "tr-b54d190eedf8e112898243f078efaada"

@@ -1,0 +1,1 @@
+"""Insight, offline: feedback reports (text, JSON, HTML), evaluation datasets and the ``mlflow-feedback`` CLI."""
