@@ -16,7 +16,6 @@ those traces is accepted at ``POST /feedback``.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import time
@@ -33,17 +32,14 @@ from .asgi.feedback_routes import FeedbackRoutes
 from .asgi.routing import host_app, mount_feedback_routes, route_path
 from .asgi.tracer import STATE_KEY as WEBSOCKET_STATE_KEY
 from .asgi.tracer import RequestTracer
-from .config import DEFAULT_EXCLUDE_PATHS, DEFAULT_OUTBOX_PATH, DEFAULT_REDACT_FIELDS, Settings
+from .config import UNSET, Settings, Unset
 from .delivery.feedback_delivery import FeedbackDelivery
 from .delivery.outbox import Outbox
 from .delivery.registry import RecentTraces
-from .env_config import apply_environment
 from .intake.identity import IdentityResolver
 from .intake.limits import FeedbackLimits, RateLimit
 from .intake.schema import FeedbackSchema
-from .intake.tokens import FeedbackTokens, as_secret_list
-
-_DEFAULT_RATE_LIMIT = RateLimit()
+from .intake.tokens import FeedbackTokens
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
@@ -51,65 +47,56 @@ logger = logging.getLogger("mlflow_feedback_middleware")
 class MlflowFeedbackMiddleware:
     """Traces every HTTP request in MLflow, hands its trace ID to the client, and takes feedback on it.
 
-    All arguments are optional; the README's configuration table describes each one.
+    All arguments are optional. One left `UNSET` takes its ``MLFLOW_FEEDBACK_<NAME>`` variable when that is set,
+    else its default; `config.Settings` defines each (the README's configuration table, `mlflow-feedback options`).
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        experiment_name: str | None = None,
-        tracking_uri: str | None = None,
-        feedback_path: str | None = "/feedback",
-        trace_id_header: str = "X-MLflow-Trace-Id",
-        request_id_header: str = "X-Request-ID",
-        user_id_header: str = "X-User-ID",
-        session_id_header: str = "X-Session-ID",
-        exclude_paths: Iterable[str] = DEFAULT_EXCLUDE_PATHS,
-        sse_final_event: bool | None = None,
-        sse_event_name: str = "mlflow_trace",
-        capture_request_body: bool = True,
-        capture_response_body: bool = True,
-        max_capture_bytes: int = 64 * 1024,
-        max_feedback_body_bytes: int = 64 * 1024,
-        feedback_wait_seconds: float = 15.0,
-        feedback_sync_seconds: float = 1.0,
-        trace_wait_seconds: float = 300.0,
-        outbox_path: str | os.PathLike[str] | None = DEFAULT_OUTBOX_PATH,
-        rating_scale: tuple[float, float] = (1, 5),
-        startup_timeout_seconds: float = 10.0,
-        shutdown_timeout_seconds: float = 10.0,
-        mlflow_threads: int = 8,
-        export: Literal["mlflow", "otlp"] = "mlflow",
-        feedback_secret: str | bytes | Sequence[str | bytes] | None = None,
-        feedback_token_ttl_seconds: float = 24 * 3600,
-        feedback_token_header: str = "X-MLflow-Feedback-Token",
-        identity: IdentityResolver | None = None,
-        feedback_limits: FeedbackLimits | None = None,
-        rate_limit: RateLimit | None = _DEFAULT_RATE_LIMIT,
-        redact_fields: Iterable[str] = DEFAULT_REDACT_FIELDS,
-        feedback_schema: FeedbackSchema | str | os.PathLike[str] | None = None,
-        summary_token: str | None = None,
-        trust_traceparent: bool = False,
+        experiment_name: str | Unset | None = UNSET,
+        tracking_uri: str | Unset | None = UNSET,
+        export: Literal["mlflow", "otlp"] | Unset = UNSET,
+        mlflow_threads: int | Unset = UNSET,
+        startup_timeout_seconds: float | Unset = UNSET,
+        shutdown_timeout_seconds: float | Unset = UNSET,
+        exclude_paths: Iterable[str] | Unset = UNSET,
+        capture_request_body: bool | Unset = UNSET,
+        capture_response_body: bool | Unset = UNSET,
+        max_capture_bytes: int | Unset = UNSET,
+        redact_fields: Iterable[str] | Unset = UNSET,
+        trace_id_header: str | Unset = UNSET,
+        request_id_header: str | Unset = UNSET,
+        user_id_header: str | Unset = UNSET,
+        session_id_header: str | Unset = UNSET,
+        sse_final_event: bool | Unset | None = UNSET,
+        sse_event_name: str | Unset = UNSET,
+        trust_traceparent: bool | Unset = UNSET,
+        feedback_path: str | Unset | None = UNSET,
+        max_feedback_body_bytes: int | Unset = UNSET,
+        feedback_schema: FeedbackSchema | str | os.PathLike[str] | Unset | None = UNSET,
+        rating_scale: tuple[float, float] | Unset = UNSET,
+        feedback_limits: FeedbackLimits | Unset | None = UNSET,
+        rate_limit: RateLimit | Unset | None = UNSET,
+        summary_token: str | Unset | None = UNSET,
+        feedback_secret: str | bytes | Sequence[str | bytes] | Unset | None = UNSET,
+        feedback_token_ttl_seconds: float | Unset = UNSET,
+        feedback_token_header: str | Unset = UNSET,
+        identity: IdentityResolver | Unset | None = UNSET,
+        feedback_sync_seconds: float | Unset = UNSET,
+        feedback_wait_seconds: float | Unset = UNSET,
+        trace_wait_seconds: float | Unset = UNSET,
+        outbox_path: str | os.PathLike[str] | Unset | None = UNSET,
     ) -> None:
-        # Every argument still at its default may come from MLFLOW_FEEDBACK_<NAME> (see env_config).
-        given = {name: value for name, value in locals().items() if name not in ("self", "app")}
-        options = apply_environment(given, _ARGUMENT_DEFAULTS)
+        # The options, their defaults and their MLFLOW_FEEDBACK_<NAME> variables are defined in config.Settings:
+        # an argument left UNSET takes its variable, else its default; one given here wins.
+        given = {k: v for k, v in locals().items() if k not in ("self", "app") and v is not UNSET}
         self.app = app
-        schema = options.pop("feedback_schema")
-        outbox = options.pop("outbox_path")
-        self.settings = settings = Settings(
-            **{k: v for k, v in options.items() if k not in ("feedback_secret", "feedback_limits")},
-            outbox_path=None if outbox is None else os.fspath(outbox),
-            feedback_secrets=tuple(_secrets(options["feedback_secret"])),
-            feedback_limits=options["feedback_limits"] or FeedbackLimits(),
-            feedback_schema=schema
-            if schema is None or isinstance(schema, FeedbackSchema)
-            else FeedbackSchema.load(schema),
-        )
+        self.settings = settings = Settings.from_arguments(given)
         self.tokens = (
-            FeedbackTokens(settings.feedback_secrets, settings.feedback_token_ttl_seconds)
-            if settings.feedback_secrets
+            FeedbackTokens(settings.feedback_secret, settings.feedback_token_ttl_seconds)
+            if settings.feedback_secret
             else None
         )
         if self.tokens is None and settings.feedback_path is not None:
@@ -201,24 +188,6 @@ class MlflowFeedbackMiddleware:
             await send(message)
 
         return lifespan_send
-
-
-_ARGUMENT_DEFAULTS = {
-    name: parameter.default
-    for name, parameter in inspect.signature(MlflowFeedbackMiddleware.__init__).parameters.items()
-    if parameter.default is not inspect.Parameter.empty
-}
-
-
-def _secrets(secret: str | bytes | Sequence[str | bytes] | None) -> list[bytes]:
-    """The configured secrets, the signing one first; from the environment when none is passed."""
-    if secret is None:
-        current = os.environ.get("MLFLOW_FEEDBACK_SECRET")
-        if not current:
-            return []
-        previous = os.environ.get("MLFLOW_FEEDBACK_PREVIOUS_SECRET")
-        secret = [current, previous] if previous else current
-    return as_secret_list(secret)
 
 
 def _open_outbox(path: str | None) -> Outbox:

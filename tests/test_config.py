@@ -13,21 +13,11 @@ from mlflow_feedback_middleware import (
     TraceIdLogFilter,
     document_feedback_routes,
 )
-from mlflow_feedback_middleware.env_config import PARSERS, variable
 
 from .apps import build_app
 from .support import client_for
 
 pytestmark = pytest.mark.anyio
-
-
-def test_every_keyword_argument_has_a_variable() -> None:
-    import inspect
-
-    arguments = set(inspect.signature(MlflowFeedbackMiddleware.__init__).parameters) - {"self", "app"}
-    # The secret has its own pair of variables (MLFLOW_FEEDBACK_SECRET, MLFLOW_FEEDBACK_PREVIOUS_SECRET).
-    assert arguments - set(PARSERS) == {"feedback_secret"}
-    assert variable("rate_limit") == "MLFLOW_FEEDBACK_RATE_LIMIT"
 
 
 async def test_a_service_configured_by_environment_only(experiment_name: str, monkeypatch: pytest.MonkeyPatch) -> None:

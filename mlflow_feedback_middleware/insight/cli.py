@@ -160,8 +160,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(args: argparse.Namespace) -> int:
+    from ..config import options_table
+
+    print(options_table(), end="")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    """The command line: ``mlflow-feedback report ...``."""
+    """The command line: ``mlflow-feedback report|export|options ...``."""
     top = argparse.ArgumentParser(prog="mlflow-feedback", description="Reports on end-user feedback in MLflow.")
     commands = top.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="feedback rate, positive rate, ratings and comments")
@@ -186,13 +193,17 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--output", default="-", help="JSONL file (default: standard output)")
     export.add_argument("--dataset", metavar="NAME", help="also store as an MLflow evaluation dataset (full mlflow)")
     export.set_defaults(run=_export)
+    options = commands.add_parser(
+        "options", help="the middleware's arguments: defaults, MLFLOW_FEEDBACK_* variables, descriptions (Markdown)"
+    )
+    options.set_defaults(run=_options)
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mlflow-feedback`` command."""
     args = parser().parse_args(argv)
-    for value in (args.since, args.until):  # validate before any network call
+    for value in (getattr(args, "since", None), getattr(args, "until", None)):  # validate before any network call
         if value:
             try:
                 parse_time(value)

@@ -16,10 +16,10 @@ LAYERS: dict[str, set[str]] = {
     **{leaf: set() for leaf in LEAVES},
     "_mlflow": LEAVES,
     "intake": LEAVES,
-    "config": {"intake", *LEAVES},
+    "config": {"intake", "env_config", *LEAVES},
     "env_config": {"intake", *LEAVES},
     "delivery": {"_mlflow", "intake", *LEAVES},
-    "insight": {"_mlflow", "intake", *LEAVES},
+    "insight": {"_mlflow", "intake", "config", *LEAVES},
     "asgi": {"_mlflow", "intake", "delivery", "insight", "config", *LEAVES},
 }
 
