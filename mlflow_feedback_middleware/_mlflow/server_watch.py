@@ -19,9 +19,14 @@ import mlflow
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
-_BACKOFF = (1, 2, 5, 10, 30, 60)
+_BACKOFF = (1, 2, 5, 10, 30, 60)  # seconds between tries of a tracking server that does not answer
 _PROBE_TIMEOUT = 2.0
 _TRUST_SECONDS = 5.0  # after this long without an answer from the server, probe before calling it
+
+
+def backoff_seconds(failures: int) -> float:
+    """How long to wait before trying a tracking server again after `failures` failed tries in a row (≥ 1)."""
+    return float(_BACKOFF[min(max(failures - 1, 0), len(_BACKOFF) - 1)])
 
 
 def probe(tracking_uri: str, timeout: float) -> str | None:
@@ -64,7 +69,7 @@ class ServerWatch:
 
     def backoff(self) -> float:
         """Seconds to wait before trying the server again."""
-        return float(_BACKOFF[min(max(self._failures - 1, 0), len(_BACKOFF) - 1)])
+        return backoff_seconds(self._failures)
 
     def retry_in(self) -> float:
         """Seconds until the next probe is due."""

@@ -27,7 +27,7 @@ from . import internals
 from .distributed import continued_root
 from .export import flush_exports, speed_up_mlflow_exporter, spool_unexported, use_otlp_export
 from .export_losses import export_losses
-from .server_watch import probe
+from .server_watch import backoff_seconds, probe
 from .trace_info_client import close_fast_connections
 from .trace_spool import current_spool
 
@@ -38,7 +38,6 @@ T = TypeVar("T")
 # Schemes that reach a tracking server over the network: a failure there may pass, so we retry. Any other
 # scheme (sqlite, file paths) is local; a failure there is a configuration problem that will not pass.
 _REMOTE_SCHEMES = {"http", "https", "databricks", "databricks-uc", "uc"}
-_RETRY_SECONDS = (1, 2, 5, 10, 30, 60)
 _TRACE_NAME_TAG = "mlflow.traceName"
 
 
@@ -189,7 +188,7 @@ class MlflowBackend:
             if not remote:
                 self._disable(f"tracking URI {uri!r} is not usable here ({type(exc).__name__}: {exc})")
                 return None
-            delay = _RETRY_SECONDS[min(self._failures, len(_RETRY_SECONDS) - 1)]
+            delay = backoff_seconds(self._failures + 1)
             if self._failures == 0:
                 logger.warning(
                     "MLflow tracking server %s is unreachable (%s); requests pass through untraced, "

@@ -230,6 +230,9 @@ class TracedExchange:
             return encode_event(None, {"trace_id": ids.trace_id}, sep)
         if settings.sse_final_event is None and self._reader is not None and self._reader.format is not None:
             return b""  # an LLM wire format: its clients would parse our event as one of theirs
+        # "done" is the seed guide's own final event (its React client switches on data.type); the event's name
+        # tells it apart from the app's events. A WebSocket message has no name, so traced_turn's is typed
+        # "mlflow_trace" instead, and "done" there would collide with apps' own end-of-turn messages.
         event = {"type": "done", "trace_id": ids.trace_id, "client_request_id": ids.client_request_id}
         if ids.feedback_token is not None:
             event["feedback_token"] = ids.feedback_token

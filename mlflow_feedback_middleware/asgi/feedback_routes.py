@@ -31,7 +31,7 @@ from ..ids import clean_principal_id
 from ..insight.report import GROUPINGS, build_report, parse_time, search_requests
 from ..intake.identity import ANONYMOUS
 from ..intake.limits import RateLimiter
-from ..intake.models import FeedbackRequest, limit_violations, to_assessments
+from ..intake.models import Assessment, FeedbackRequest, limit_violations, to_assessments
 from ..intake.schema import SchemaError, default_schema
 from ..intake.tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .routing import route_path
@@ -46,14 +46,27 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 class _BadRequest(Exception):
     def __init__(
-        self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        errors: list[dict[str, str]] | None = None,
     ) -> None:
         super().__init__(message)
-        self.status, self.message, self.field, self.headers = status, message, field, headers
+        self.status, self.message, self.headers = status, message, headers
+        self.errors = errors if errors is not None else [{"field": field, "message": message}] if field else None
 
     def response(self) -> JSONResponse:
-        errors = [{"field": self.field, "message": self.message}] if self.field else None
-        return _error(self.status, self.message, errors, self.headers)
+        return _error(self.status, self.message, self.errors, self.headers)
+
+
+def _invalid(errors: list[tuple[str, str]]) -> _BadRequest:
+    """The 422 for invalid feedback: every problem named by its field, the first in the message."""
+    field, message = errors[0]
+    return _BadRequest(
+        422, f"invalid feedback: {field}: {message}", errors=[{"field": f, "message": m} for f, m in errors]
+    )
 
 
 def _error(
@@ -209,11 +222,7 @@ class FeedbackRoutes:
         return JSONResponse({"status": "ok" if healthy else "degraded", **status}, status_code=200 if healthy else 503)
 
     async def _post(self, request: Request) -> JSONResponse:
-        if self._limiter is not None:
-            wait = self._limiter.take(request)
-            if wait > 0:  # before the body is read: a flood costs as little as possible
-                retry = str(math.ceil(wait))
-                raise _BadRequest(429, f"too many feedback requests; retry in {retry} s", None, {"Retry-After": retry})
+        self._check_rate(request)  # before the body is read: a flood costs as little as possible
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise _BadRequest(400, "Idempotency-Key must be 1-255 printable ASCII characters", "Idempotency-Key")
@@ -227,55 +236,11 @@ class FeedbackRoutes:
             data[field] = query_value
         grant = self._grant(request.headers.get(self._token_header, data.pop("feedback_token", None)))
         user = self._user(request, data.pop("user_id", None), grant)
-        if data.get("trace_id") is not None and data.get("client_request_id") is not None:
-            raise _BadRequest(400, "give either trace_id or client_request_id, not both", "trace_id")
-
-        try:
-            # With a declared schema its scales give the ranges, checked below.
-            scale = None if self._schema is not None else self._settings.rating_scale
-            feedback = FeedbackRequest.model_validate(data, context={"rating_scale": scale})
-        except ValidationError as exc:
-            errors = [
-                {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
-                for err in exc.errors(include_url=False, include_context=False, include_input=False)
-            ]
-            first = errors[0]
-            return _error(422, f"invalid feedback: {first['field']}: {first['message']}", errors)
-        if feedback.trace_id is None and feedback.client_request_id is None:
-            if grant is None:
-                raise _BadRequest(422, "trace_id or client_request_id is required", "trace_id")
-            feedback.trace_id = grant.trace_id
-        too_big = limit_violations(feedback, self._settings.feedback_limits)
-        if too_big:
-            errors = [{"field": field, "message": message} for field, message in too_big]
-            return _error(422, f"invalid feedback: {too_big[0][0]}: {too_big[0][1]}", errors)
-
-        trace_id = feedback.trace_id
-        if grant is not None:
-            if trace_id is not None and trace_id != grant.trace_id:
-                raise _BadRequest(403, "the feedback token was issued for another trace", "feedback_token")
-            if feedback.client_request_id is not None and feedback.client_request_id != grant.client_request_id:
-                raise _BadRequest(403, "the feedback token was issued for another request", "feedback_token")
-            trace_id = grant.trace_id  # signed by this service: no search needed
-        try:
-            assessments = (
-                self._schema.to_assessments(feedback)
-                if self._schema is not None
-                else to_assessments(feedback, self._settings.rating_scale[1])
-            )
-        except SchemaError as exc:
-            errors = [{"field": exc.field, "message": exc.message}]
-            return _error(422, f"invalid feedback: {exc.field}: {exc.message}", errors)
+        feedback = self._validated(data, grant)
+        assessments = self._assessments(feedback)
         if self._backend.disabled_reason is not None:
             return _error(503, "MLflow tracing is disabled in this service, so no feedback can be stored")
-        if trace_id is None:
-            assert feedback.client_request_id is not None
-            found = self._recent.lookup(feedback.client_request_id)
-            if found.ambiguous:
-                raise _BadRequest(409, AMBIGUOUS, "client_request_id")
-            if found.chosen_by_client:
-                raise _BadRequest(403, CHOSEN_BY_CLIENT, "client_request_id")
-            trace_id = found.trace_id
+        trace_id = self._trace_of(feedback, grant)
         issued_here = trace_id is not None and trace_id in self._recent
         crid = feedback.client_request_id
         item = Item(self._delivery.destination, trace_id, crid, user or ANONYMOUS, assessments, issued_here)
@@ -291,6 +256,59 @@ class FeedbackRoutes:
         await self._backend.ready(self._settings.startup_timeout_seconds)  # a search needs the experiment
         # Status URLs as the client reaches them: behind a mount or a path-stripping proxy too.
         return await self._submit(item, request.scope.get("root_path", "") + self._path)
+
+    def _check_rate(self, request: Request) -> None:
+        if self._limiter is not None and (wait := self._limiter.take(request)) > 0:
+            retry = str(math.ceil(wait))
+            raise _BadRequest(429, f"too many feedback requests; retry in {retry} s", None, {"Retry-After": retry})
+
+    def _validated(self, data: dict[str, Any], grant: FeedbackGrant | None) -> FeedbackRequest:
+        """The feedback the body asks for, within the limits and naming one trace (the token's, if none)."""
+        if data.get("trace_id") is not None and data.get("client_request_id") is not None:
+            raise _BadRequest(400, "give either trace_id or client_request_id, not both", "trace_id")
+        try:
+            # With a declared schema its scales give the ranges, checked when it builds the assessments.
+            scale = None if self._schema is not None else self._settings.rating_scale
+            feedback = FeedbackRequest.model_validate(data, context={"rating_scale": scale})
+        except ValidationError as exc:
+            details = exc.errors(include_url=False, include_context=False, include_input=False)
+            raise _invalid([(".".join(str(p) for p in e["loc"]) or "body", e["msg"]) for e in details]) from None
+        if feedback.trace_id is None and feedback.client_request_id is None:
+            if grant is None:
+                raise _BadRequest(422, "trace_id or client_request_id is required", "trace_id")
+            feedback.trace_id = grant.trace_id
+        too_big = limit_violations(feedback, self._settings.feedback_limits)
+        if too_big:
+            raise _invalid(too_big)
+        if grant is not None:
+            if feedback.trace_id is not None and feedback.trace_id != grant.trace_id:
+                raise _BadRequest(403, "the feedback token was issued for another trace", "feedback_token")
+            if feedback.client_request_id is not None and feedback.client_request_id != grant.client_request_id:
+                raise _BadRequest(403, "the feedback token was issued for another request", "feedback_token")
+        return feedback
+
+    def _assessments(self, feedback: FeedbackRequest) -> list[Assessment]:
+        try:
+            if self._schema is not None:
+                return self._schema.to_assessments(feedback)
+            return to_assessments(feedback, self._settings.rating_scale[1])
+        except SchemaError as exc:
+            raise _invalid([(exc.field, exc.message)]) from None
+
+    def _trace_of(self, feedback: FeedbackRequest, grant: FeedbackGrant | None) -> str | None:
+        """The trace the feedback is for, where this process knows it: the token's, the request's, or the one its
+        client request ID names here (None: to be searched for)."""
+        if grant is not None:
+            return grant.trace_id  # signed by this service: no search needed
+        if feedback.trace_id is not None:
+            return feedback.trace_id
+        assert feedback.client_request_id is not None
+        found = self._recent.lookup(feedback.client_request_id)
+        if found.ambiguous:
+            raise _BadRequest(409, AMBIGUOUS, "client_request_id")
+        if found.chosen_by_client:
+            raise _BadRequest(403, CHOSEN_BY_CLIENT, "client_request_id")
+        return found.trace_id
 
     def _grant(self, token: object) -> FeedbackGrant | None:
         """The permission a token carries; None when tokens are off. Raises 401 when it grants nothing."""

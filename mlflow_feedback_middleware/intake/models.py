@@ -148,18 +148,25 @@ class Assessment:
     metadata: dict[str, str] | None = None
 
 
-def to_assessments(request: FeedbackRequest, rating_max: float) -> list[Assessment]:
-    """The assessments a request asks for; the comment goes with the first of them only."""
+def build_assessments(request: FeedbackRequest, values: list[tuple[str, Any, dict[str, str]]]) -> list[Assessment]:
+    """Assessments for (name, stored value, extra metadata) triples: the request's metadata goes with each, its
+    comment (or rationale) with the first only."""
     rationale = request.comment if request.comment is not None else request.rationale
-    metadata = {k: str(v) for k, v in request.metadata.items()} if request.metadata else None
-    out: list[Assessment] = []
+    metadata = {k: str(v) for k, v in request.metadata.items()} if request.metadata else {}
+    return [
+        Assessment(name, stored, rationale if index == 0 else None, {**metadata, **extra} or None)
+        for index, (name, stored, extra) in enumerate(values)
+    ]
+
+
+def to_assessments(request: FeedbackRequest, rating_max: float) -> list[Assessment]:
+    """The assessments a request asks for, without a declared schema (the guide's shapes, any name, any rating)."""
+    values: list[tuple[str, Any, dict[str, str]]] = []
     if request.is_correct is not None:
-        out.append(Assessment(SEED_FEEDBACK_NAME, request.is_correct, rationale, metadata))
+        values.append((SEED_FEEDBACK_NAME, request.is_correct, {}))
     if request.name is not None:
-        out.append(Assessment(request.name, request.value, None if out else rationale, metadata))
+        values.append((request.name, request.value, {}))
     for dimension, rating in (request.ratings or {}).items():
-        rating_metadata = {**(metadata or {}), "raw_rating": f"{rating:g}", "rating_scale_max": f"{rating_max:g}"}
-        out.append(
-            Assessment(RATING_PREFIX + dimension, rating / rating_max, None if out else rationale, rating_metadata)
-        )
-    return out
+        scale = {"raw_rating": f"{rating:g}", "rating_scale_max": f"{rating_max:g}"}
+        values.append((RATING_PREFIX + dimension, rating / rating_max, scale))
+    return build_assessments(request, values)

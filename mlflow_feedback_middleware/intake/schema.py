@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .models import RATING_PREFIX, SEED_FEEDBACK_NAME, Assessment, FeedbackRequest, binary_value
+from .models import RATING_PREFIX, SEED_FEEDBACK_NAME, Assessment, FeedbackRequest, binary_value, build_assessments
 
 Polarity = Literal["positive", "negative"]
 
@@ -192,8 +192,6 @@ class FeedbackSchema:
 
     def to_assessments(self, request: FeedbackRequest) -> list[Assessment]:
         """The assessments a request asks for, checked and normalised; SchemaError names the field."""
-        rationale = request.comment if request.comment is not None else request.rationale
-        metadata = {k: str(v) for k, v in request.metadata.items()} if request.metadata else {}
         wanted: list[tuple[Field, Any, str]] = []
         if request.is_correct is not None:
             binary = self.fields.get(SEED_FEEDBACK_NAME)
@@ -213,11 +211,7 @@ class FeedbackSchema:
                     f"ratings.{dimension}", f"is not a rating here; ratings: {', '.join(scales) or 'none'}"
                 )
             wanted.append((scale, rating, f"ratings.{dimension}"))
-        out: list[Assessment] = []
-        for declared, value, where in wanted:
-            name, stored, extra = declared.normalise(value, where)
-            out.append(Assessment(name, stored, None if out else rationale, {**metadata, **extra} or None))
-        return out
+        return build_assessments(request, [declared.normalise(value, where) for declared, value, where in wanted])
 
 
 def default_schema(rating_scale: tuple[float, float]) -> dict[str, Any]:
