@@ -29,9 +29,58 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A loopback port free now. Another process may take it before ours binds it: servers started on one go
+    through `launch`, which starts again on another port when that happened."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_PORT_TAKEN = ("address already in use", "errno 98")
+
+
+def launch(
+    command: Any,
+    log_path: Path,
+    ready: Any,
+    port: int | None = None,
+    timeout: float = 120.0,
+    **popen: Any,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the server process `command(port)` and wait until `ready(port)`; its process and port.
+
+    Without a `port`, a free one is drawn, and drawn again when the process finds it taken (another test's
+    server bound it in between). A given port (a restart on the port clients know) is used as it is.
+    """
+    for _ in range(5 if port is None else 1):
+        chosen = port if port is not None else free_port()
+        start = log_path.stat().st_size if log_path.exists() else 0
+        log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child
+        process = subprocess.Popen(command(chosen), stdout=log, stderr=subprocess.STDOUT, **popen)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and not ready(chosen):
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"{command(chosen)[:4]} did not start in {timeout} s; see {log_path}")
+            time.sleep(0.1)
+        if process.poll() is None:
+            return process, chosen
+        with open(log_path, "rb") as done:
+            done.seek(start)
+            said = done.read().decode(errors="replace").lower()
+        if not any(text in said for text in _PORT_TAKEN):
+            break
+    raise RuntimeError(f"{command(chosen)[:4]} exited; see {log_path}")
+
+
+def answers(url: str, path: str = "/health") -> bool:
+    """Whether an HTTP server answers `path` at `url` (any status)."""
+    try:
+        httpx.get(url + path, timeout=1)
+        return True
+    except httpx.HTTPError:
+        return False
 
 
 def _server_command() -> list[str]:
@@ -104,49 +153,52 @@ class MlflowServer:
         workers: int = 1,
     ) -> None:
         self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port: int | None = None  # chosen at the first start, kept for restarts
         self.process: subprocess.Popen[bytes] | None = None
         self._app_name = app_name  # e.g. "basic-auth"
         self._env = env or {}
         self._store = backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}"
         self.workers = workers
 
+    @property
+    def url(self) -> str:
+        assert self.port is not None, "start the server first"
+        return f"http://127.0.0.1:{self.port}"
+
+    def _command(self, port: int) -> list[str]:
+        return [
+            *_server_command(),
+            "server",
+            "--backend-store-uri",
+            self._store,
+            "--default-artifact-root",
+            str(self.workdir / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(self.workers),
+            *(["--app-name", self._app_name] if self._app_name else []),
+        ]
+
     def start(self, timeout: float = 120.0) -> None:
-        log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - kept open for the child
-        self.process = subprocess.Popen(
-            [
-                *_server_command(),
-                "server",
-                "--backend-store-uri",
-                self._store,
-                "--default-artifact-root",
-                str(self.workdir / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                str(self.workers),
-                *(["--app-name", self._app_name] if self._app_name else []),
-            ],
+        def healthy(port: int) -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        self.process, self.port = launch(
+            self._command,
+            self.workdir / "server.log",
+            healthy,
+            self.port,
+            timeout,
             cwd=self.workdir,
             env=os.environ | self._env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited; see {self.workdir / 'server.log'}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"mlflow server did not start in {timeout}s; see {self.workdir / 'server.log'}")
 
     def stop(self, signal: int = 15) -> None:
         """Stop the server (SIGTERM, or e.g. SIGKILL as a crash would)."""
@@ -177,6 +229,7 @@ def get_trace(trace_id: str, timeout: float = 30.0, finalized: bool = True) -> T
     """
     deadline = time.monotonic() + timeout
     flushed = False
+    pause = 0.1
     while True:
         try:
             trace = mlflow.get_trace(trace_id)
@@ -195,7 +248,10 @@ def get_trace(trace_id: str, timeout: float = 30.0, finalized: bool = True) -> T
             flush_exports(timeout)
             flushed = True
         else:
-            time.sleep(0.1)
+            # Growing pauses: on a busy machine (or a basic-auth server, which hashes the password on every
+            # call) fast polls would slow down the very server being waited for.
+            time.sleep(pause)
+            pause = min(pause * 1.5, 2.0)
 
 
 def root_span(trace: Trace) -> Any:
@@ -206,13 +262,16 @@ class UvicornThread:
     """A real uvicorn server for `app` on a free loopback port, in a background thread."""
 
     def __init__(self, app: Any, **config_kwargs: Any) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", **config_kwargs
-        )
+        # Port 0: the kernel picks a free port as uvicorn binds it; read back once started.
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **config_kwargs)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        assert self.port, "enter the server first"
+        return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> UvicornThread:
         self.thread.start()
@@ -221,6 +280,7 @@ class UvicornThread:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.02)
+        self.port = int(self.server.servers[0].sockets[0].getsockname()[1])
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -281,32 +341,28 @@ class AppProcess:
     def __init__(self, workdir: Path, env: dict[str, str], kwargs: dict[str, Any], workers: int = 1) -> None:
         self.workdir = workdir
         self._workers = workers
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port: int | None = None  # chosen at the first start, kept when started again
         base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))}
         self.env = base | env | {"TEST_MIDDLEWARE_KWARGS": json.dumps(kwargs)}
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def url(self) -> str:
+        assert self.port is not None, "start the app first"
+        return f"http://127.0.0.1:{self.port}"
+
     def __enter__(self) -> AppProcess:
-        log = open(self.workdir / f"app-{self.port}.log", "ab")
         command = [sys.executable, "-m", "uvicorn", "--factory", "tests.apps:app_from_env", "--host", "127.0.0.1"]
-        self.process = subprocess.Popen(
-            [*command, "--port", str(self.port), "--log-level", "warning", "--workers", str(self._workers)],
+        self.process, self.port = launch(
+            lambda port: [*command, "--port", str(port), "--log-level", "warning", "--workers", str(self._workers)],
+            self.workdir / "app.log",
+            lambda port: answers(f"http://127.0.0.1:{port}", "/healthz"),
+            self.port,
+            60,
             cwd=ROOT,
             env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the app exited; see {self.workdir}")
-            try:
-                httpx.get(f"{self.url}/healthz", timeout=1)
-                return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("the app did not start")
+        return self
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no flush, as in a crash."""
@@ -328,13 +384,36 @@ class AppProcess:
 def wait_until(condition: Any, timeout: float, what: str) -> Any:
     """Poll `condition()` until it returns something truthy; that value."""
     deadline = time.monotonic() + timeout
+    pause = 0.1
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout} s")
-        time.sleep(0.25)
+        time.sleep(pause)
+        pause = min(pause * 1.5, 1.0)
+
+
+def middleware_of(app: Any) -> Any:
+    """The `MlflowFeedbackMiddleware` inside an app (after its first request built the middleware stack)."""
+    from mlflow_feedback_middleware import MlflowFeedbackMiddleware
+
+    node = getattr(app, "middleware_stack", None) or app
+    while node is not None:
+        if isinstance(node, MlflowFeedbackMiddleware):
+            return node
+        node = getattr(node, "app", None)
+    raise LookupError("no MlflowFeedbackMiddleware in this app")
+
+
+def outbox_drained(app: Any, timeout: float = 60) -> dict[str, Any]:
+    """Wait until nothing accepted by `app`'s feedback route is still to be written; the outbox counts.
+    After it, a write that has not happened will not happen (what tests of "written once" wait for)."""
+    middleware = middleware_of(app)
+    return wait_until(  # type: ignore[no-any-return]
+        lambda: (stats := middleware.status()["outbox"])["pending"] == 0 and stats, timeout, "the outbox drained"
+    )
 
 
 def middleware_log(level: int = logging.NOTSET) -> list[logging.LogRecord]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -14,43 +13,32 @@ from typing import Any
 import httpx
 import pytest
 
-from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, chromium_or_skip, free_port, get_trace
+from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, answers, chromium_or_skip, get_trace, launch, wait_until
 
 
 @pytest.fixture
 def demo_app(mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path) -> Iterator[str]:
     """examples/chat_app.py under uvicorn, on the test server, as `make demo` serves it."""
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))} | {
         "MLFLOW_TRACKING_URI": mlflow_server.url,
         "MLFLOW_EXPERIMENT_NAME": experiment_name,
         "MLFLOW_FEEDBACK_OUTBOX": str(tmp_path / "outbox.db"),
         "MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS": "500",
     }
-    log = (tmp_path / "demo.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "chat_app:app", "--host", "127.0.0.1", "--port", str(port)],
+    command = [sys.executable, "-m", "uvicorn", "chat_app:app", "--host", "127.0.0.1", "--port"]
+    process, port = launch(
+        lambda port: [*command, str(port)],
+        tmp_path / "demo.log",
+        lambda port: answers(f"http://127.0.0.1:{port}", "/feedback/health"),
+        timeout=60,
         cwd=ROOT / "examples",
         env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/feedback/health", timeout=2).status_code in (200, 503):
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "demo.log").read_text()
-            time.sleep(0.2)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture
@@ -131,8 +119,8 @@ def test_the_demo_page_collects_feedback_in_chromium(demo_app: str, browser: Any
     answered_votes = human_votes(trace_id_of(answered), 1)
     assert [(v.value, v.rationale) for v in answered_votes] == [(False, "too vague")]
     assert [v.value for v in human_votes(trace_id_of(offline), 1)] == [True]
-    time.sleep(1.0)
-    assert len(human_votes(trace_id_of(doubled), 2, timeout=1)) == 1  # two clicks, one vote
+    wait_until(lambda: httpx.get(demo_app + "/feedback/health").json()["outbox"]["pending"] == 0, 60, "drained")
+    assert len(human_votes(trace_id_of(doubled), 1)) == 1  # two clicks, one vote, and no second one queued
     context.close()
 
 

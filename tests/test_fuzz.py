@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -25,7 +24,7 @@ from mlflow_feedback_middleware import FeedbackRequest
 from mlflow_feedback_middleware.delivery.writer import FEEDBACK_ID_KEY
 
 from .apps import build_app
-from .support import get_trace, http_scope
+from .support import get_trace, http_scope, outbox_drained
 
 # The strategies' reprs are large (the corpus holds 50 kB strings); hypothesis warns when it prints them.
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
@@ -234,7 +233,7 @@ def open_route(loop: asyncio.AbstractEventLoop, experiment_name: str) -> Iterato
 
 
 def assert_only_accepted_requests_wrote(target: Target) -> None:
-    time.sleep(2.0)  # anything accepted late has been written by now (the outbox thread is idle)
+    outbox_drained(target.app)  # anything accepted has been written (or failed) by now
     written = {
         (a.metadata or {}).get(FEEDBACK_ID_KEY, "").partition("/")[0]
         for a in get_trace(target.trace_id).info.assessments

@@ -18,7 +18,7 @@ SCRIPT = """
 import asyncio, json, logging, sys, time
 import httpx
 from tests.apps import build_app
-from tests.support import middleware_log
+from tests.support import middleware_log, middleware_of
 
 kept = middleware_log()
 
@@ -28,13 +28,12 @@ async def main():
     out = []
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         for _ in range(5):
-            started = time.monotonic()
             r = await client.post("/chat", json={"message": "hi"})
-            out.append({"status": r.status_code, "headers": dict(r.headers), "body": r.json(),
-                        "seconds": time.monotonic() - started})
+            out.append({"status": r.status_code, "headers": dict(r.headers), "body": r.json()})
         fb = await client.post("/feedback?trace_id=tr-0123456789abcdef0123456789abcdef", json={"is_correct": True})
         out.append({"status": fb.status_code, "body": fb.json()})
-    print(json.dumps({"responses": out, "logs": [(r.levelname, r.getMessage()) for r in kept]}))
+    waits = middleware_of(app).backend.startup_waits
+    print(json.dumps({"responses": out, "logs": [(r.levelname, r.getMessage()) for r in kept], "waits": waits}))
 
 asyncio.run(main())
 """
@@ -73,7 +72,7 @@ def test_unreachable_tracking_server_serves_untraced_with_one_warning() -> None:
     assert_untraced(outcome)
     responses = outcome["responses"]
     assert isinstance(responses, list)
-    assert all(r["seconds"] < 1.5 for r in responses[:-1])  # only the first waits, for start-up
+    assert outcome["waits"] == 1  # only the first request waited, for start-up; the others passed at once
     # Feedback is still accepted: it waits in the outbox until the server is back (another replica
     # may have issued the trace).
     assert responses[-1]["status"] == 202 and responses[-1]["body"]["status"] == "accepted"

@@ -151,6 +151,7 @@ class MlflowBackend:
         self.losses = export_losses
         self._hooked_exporter: Any = None  # MLflow builds its exporter with the first span, and anew on a reset
         self._startup_deadline: float | None = None
+        self.startup_waits = 0  # calls that waited for the experiment (the first ones, within the start-up wait)
 
     def _new_executor(self) -> DaemonExecutor:
         return DaemonExecutor(self._threads, "mlflow-feedback")
@@ -248,6 +249,7 @@ class MlflowBackend:
         attempt = self.start_resolving()
         remaining = self._startup_deadline - now
         if attempt is not None and remaining > 0:
+            self.startup_waits += 1
             with suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(attempt)), remaining)
         return self.experiment_id
