@@ -429,12 +429,12 @@ def middleware_log(level: int = logging.NOTSET) -> list[logging.LogRecord]:
 
 
 def run_script(script: str, args: list[str], env: dict[str, str], timeout: float = 300) -> Any:
-    """Run `script` in a fresh Python process (MLflow's tracer, URI and OTel settings are process-wide)
-    with only `env` of MLFLOW_* / OTEL_* settings, and the JSON its last output line holds."""
+    """Run ``tests/scripts/<script>.py`` in a fresh Python process (MLflow's tracer, URI and OTel settings are
+    process-wide) with only `env` of MLFLOW_* / OTEL_* settings, and the JSON its last output line holds."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))}
     clean["MLFLOW_FEEDBACK_OUTBOX"] = os.environ["MLFLOW_FEEDBACK_OUTBOX"]
     result = subprocess.run(
-        [sys.executable, "-c", script, *args],
+        [sys.executable, "-m", f"tests.scripts.{script}", *args],
         cwd=ROOT,
         env=clean | env,
         capture_output=True,

@@ -169,29 +169,7 @@ async def test_the_fast_path_survives_the_server_closing_idle_connections(experi
         assert get_trace(response.headers[TRACE_HEADER]).info.client_request_id == response.headers["x-request-id"]
 
 
-AUTH_SCRIPT = """
-import asyncio, json, sys
-import httpx
-from mlflow.tracing.provider import _get_trace_exporter
-from mlflow_feedback_middleware._mlflow.export import flush_exports
-from tests.apps import build_app
-from tests.support import get_trace
-
-async def main():
-    # A loaded machine makes the basic-auth server slow: the first request waits for the experiment as long
-    # as it takes (the default start-up wait is short), and so do the reads.
-    app = build_app(tracking_uri=sys.argv[1], experiment_name="auth-export", startup_timeout_seconds=120)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        responses = [await client.post("/chat", json={"message": f"m{i}"}) for i in range(3)]
-    flush_exports(120)
-    fast = _get_trace_exporter()._client
-    stored = [get_trace(r.headers["x-mlflow-trace-id"], timeout=120).info.client_request_id == r.headers["x-request-id"]
-              for r in responses]
-    print(json.dumps({"client": type(fast).__name__, "fast": fast.fast_calls, "delegated": fast.delegated_calls,
-                      "stored": stored}))
-
-asyncio.run(main())
-"""
+AUTH_SCRIPT = "export_with_basic_auth"  # tests/scripts/export_with_basic_auth.py
 
 
 def test_the_fast_path_sends_the_tracking_servers_credentials(tmp_path: Path) -> None:
@@ -212,39 +190,7 @@ def test_the_fast_path_sends_the_tracking_servers_credentials(tmp_path: Path) ->
     assert out == {"client": "FastTraceInfoClient", "fast": 3, "delegated": 0, "stored": [True, True, True]}
 
 
-DROPPED_SPANS_SCRIPT = """
-import asyncio, json, queue, sys
-import httpx, mlflow
-from mlflow_feedback_middleware._mlflow.export import flush_exports
-from mlflow_feedback_middleware._mlflow.export_losses import export_losses
-from mlflow_feedback_middleware._mlflow.trace_spool import configure_spool
-from tests.apps import build_app
-
-async def main():
-    spool = configure_spool(None, max_bytes=1)  # a full spool: what MLflow's full queue refuses is dropped
-    app = build_app(experiment_name=sys.argv[1])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        await client.post("/chat", json={"message": "warm-up"})  # MLflow builds its exporter; hooks go in
-        flush_exports(30)
-        # MLflow's queue refuses span batches, as when it is full; trace infos still go through.
-        put = queue.Queue.put
-        def full_for_spans(self, item, *args, **kwargs):
-            if getattr(getattr(item, "handler", None), "__name__", "") == "_log_spans":
-                raise queue.Full
-            return put(self, item, *args, **kwargs)
-        queue.Queue.put = full_for_spans
-        response = await client.post("/chat", json={"message": "spans lost"})
-        flush_exports(30)
-        queue.Queue.put = put
-        spool.flush_deferred(30)  # the spool's writer has refused the batch: it is counted
-    trace_id = response.headers["x-mlflow-trace-id"]
-    trace = mlflow.get_trace(trace_id)
-    print(json.dumps({"dropped": export_losses.span_batches_dropped,
-                      "remembered": export_losses.spans_dropped(trace_id),
-                      "spans": sorted(s.name for s in trace.data.spans) if trace else None}))
-
-asyncio.run(main())
-"""
+DROPPED_SPANS_SCRIPT = "export_dropped_spans"  # tests/scripts/export_dropped_spans.py
 
 
 def test_a_trace_whose_span_batch_was_dropped_keeps_mlflows_artifact_copy(
@@ -257,38 +203,7 @@ def test_a_trace_whose_span_batch_was_dropped_keeps_mlflows_artifact_copy(
     assert out["spans"] == ["POST /chat", "fake_llm_async"]
 
 
-REBUILT_PROVIDER_SCRIPT = """
-import asyncio, json, queue, sys
-import httpx, mlflow
-from mlflow.tracing.provider import _get_trace_exporter
-from mlflow_feedback_middleware._mlflow.export import flush_exports
-from mlflow_feedback_middleware._mlflow.export_losses import export_losses
-from mlflow_feedback_middleware._mlflow.trace_info_client import FastTraceInfoClient
-from tests.apps import build_app
-
-def hooked():
-    exporter = _get_trace_exporter()
-    client = exporter._client
-    return {"fast": isinstance(client, FastTraceInfoClient), "fast_calls": getattr(client, "fast_calls", 0),
-            "counting": type(exporter._async_queue._queue) is not queue.Queue, "id": id(exporter)}
-
-async def main():
-    app = build_app(experiment_name=sys.argv[1])
-    rounds, ids = [], []
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        for rebuild in (None, lambda: mlflow.set_experiment(sys.argv[1] + "-handler"),
-                        lambda: mlflow.set_tracking_uri(mlflow.get_tracking_uri())):
-            if rebuild is not None:
-                rebuild()  # a handler or a library resetting MLflow's tracer provider mid-run
-            response = await client.post("/chat", json={"message": "hi"})
-            ids.append((response.headers["x-mlflow-trace-id"], response.headers["x-request-id"]))
-            flush_exports(30)
-            rounds.append(hooked())
-    stored = [mlflow.get_trace(trace_id).info.client_request_id == request_id for trace_id, request_id in ids]
-    print(json.dumps({"rounds": rounds, "stored": stored, "watching": export_losses.watching}))
-
-asyncio.run(main())
-"""
+REBUILT_PROVIDER_SCRIPT = "export_after_provider_rebuild"  # tests/scripts/export_after_provider_rebuild.py
 
 
 def test_the_fast_path_and_the_loss_counters_survive_mlflow_rebuilding_its_exporter(
@@ -304,30 +219,7 @@ def test_the_fast_path_and_the_loss_counters_survive_mlflow_rebuilding_its_expor
     assert out["stored"] == [True, True, True] and out["watching"] is True
 
 
-MISSING_INTERNAL_SCRIPT = """
-import asyncio, json, logging, sys
-import httpx, mlflow
-import mlflow.protos.service_pb2, mlflow.store.tracking.rest_store  # MLflow's client has its own reference
-del mlflow.protos.service_pb2.StartTraceV3  # as if MLflow had moved an internal the fast client mirrors
-from mlflow.tracing.provider import _get_trace_exporter
-from mlflow_feedback_middleware._mlflow.export import flush_exports
-from tests.apps import build_app
-from tests.support import get_trace, middleware_log
-
-warnings = middleware_log(logging.WARNING)
-
-async def main():
-    app = build_app(experiment_name=sys.argv[1])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        responses = [await client.post("/chat", json={"message": f"m{i}"}) for i in range(2)]
-    flush_exports(30)
-    stored = [get_trace(r.headers["x-mlflow-trace-id"]).info.client_request_id == r.headers["x-request-id"]
-              for r in responses]
-    print(json.dumps({"client": type(_get_trace_exporter()._client).__name__, "stored": stored,
-                      "warnings": [w.getMessage() for w in warnings if "MLflow API changed" in w.getMessage()]}))
-
-asyncio.run(main())
-"""
+MISSING_INTERNAL_SCRIPT = "export_without_an_internal"  # tests/scripts/export_without_an_internal.py
 
 
 def test_a_missing_mlflow_internal_falls_back_to_mlflows_client_with_one_warning(
@@ -341,25 +233,7 @@ def test_a_missing_mlflow_internal_falls_back_to_mlflows_client_with_one_warning
     assert mlflow.__version__ in warning and "StartTraceV3" in warning
 
 
-MOVED_CLIENT_SCRIPT = """
-import asyncio, json, logging, sys
-import httpx
-import mlflow.tracking._tracking_service.client as service
-del service.TrackingServiceClient  # as if MLflow had moved the client that finds experiments
-from tests.apps import build_app
-from tests.support import middleware_log
-
-errors = middleware_log(logging.WARNING)
-
-async def main():
-    app = build_app(experiment_name=sys.argv[1])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        answer = await client.post("/chat", json={"message": "hi"})
-    print(json.dumps({"status": answer.status_code, "traced": "x-mlflow-trace-id" in answer.headers,
-                      "errors": [e.getMessage() for e in errors]}))
-
-asyncio.run(main())
-"""
+MOVED_CLIENT_SCRIPT = "startup_without_the_experiment_client"  # tests/scripts/startup_without_the_experiment_client.py
 
 
 def test_a_moved_mlflow_client_is_reported_as_an_api_change_not_an_outage(

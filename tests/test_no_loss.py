@@ -216,36 +216,7 @@ async def test_hundreds_of_concurrent_mixed_requests_keep_their_own_traces(exper
     assert stack.status()["traces_dropped"] == 0  # MLflow's default queue absorbed a burst of 600
 
 
-OVERFLOW_SCRIPT = """
-import asyncio, json, sys, time
-import httpx, mlflow
-from tests.apps import build_app
-from mlflow_feedback_middleware._mlflow.export import flush_exports
-from mlflow_feedback_middleware._mlflow.trace_spool import configure_spool
-
-async def main():
-    if int(sys.argv[2]):
-        configure_spool(None, max_bytes=int(sys.argv[2]))  # a tiny spool, in memory
-    app = build_app(experiment_name=sys.argv[1])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        ids = [(await client.post("/chat", json={"message": str(i)})).headers["x-mlflow-trace-id"] for i in range(150)]
-        flush_exports(60)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the delivery thread replays the spool at the server's pace
-            health = (await client.get("/feedback/health")).json()
-            if health["trace_spool"]["pending_parts"] == 0:
-                break
-            await asyncio.sleep(0.2)
-    stored = mlflow.search_traces(locations=[health["experiment_id"]], max_results=1000, return_type="list",
-                                  include_spans=False, filter_string="trace.status = 'OK'")
-    # A stored trace is usable only with its spans (from the tracking store, or the artifact fallback).
-    unreadable = [t.info.trace_id for t in stored if not getattr(mlflow.get_trace(t.info.trace_id), "data", None)]
-    with_metadata = sum(t.info.client_request_id is not None for t in stored)
-    print(json.dumps({"issued": len(set(ids)), "stored_ok": len(stored), "with_metadata": with_metadata,
-                      "unreadable": unreadable, "health": health}))
-
-asyncio.run(main())
-"""
+OVERFLOW_SCRIPT = "export_queue_overflow"  # tests/scripts/export_queue_overflow.py
 # A queue of 4 tasks and one export thread: most of a 150-request burst overflows MLflow's export queue.
 TINY_QUEUE = {"MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "4", "MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "1"}
 
@@ -293,20 +264,7 @@ def test_lifespan_shutdown_delivers_queued_feedback(experiment_name: str) -> Non
     assert assessment.value is False and assessment.rationale == "late"
 
 
-NO_LIFESPAN_SCRIPT = """
-import asyncio, json, sys
-import httpx
-from tests.apps import build_app
-
-async def main():
-    app = build_app(experiment_name=sys.argv[1], feedback_sync_seconds=0)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        trace_id = (await client.post("/chat", json={"message": "hi"})).headers["x-mlflow-trace-id"]
-        fb = await client.post(f"/feedback?trace_id={trace_id}", json={"is_correct": True})
-    print(json.dumps({"trace_id": trace_id, "status": fb.status_code, "feedback_id": fb.json()["feedback_id"]}))
-
-asyncio.run(main())  # then the interpreter exits: no lifespan ran, the atexit hook has to deliver
-"""
+NO_LIFESPAN_SCRIPT = "exit_without_lifespan"  # tests/scripts/exit_without_lifespan.py
 
 
 def test_exit_without_lifespan_delivers_queued_feedback(mlflow_server: MlflowServer, experiment_name: str) -> None:

@@ -14,36 +14,14 @@ import pytest
 
 from .support import ROOT, MlflowServer, free_port
 
-SCRIPT = """
-import asyncio, json, logging, sys, time
-import httpx
-from tests.apps import build_app
-from tests.support import middleware_log, middleware_of
-
-kept = middleware_log()
-
-async def main():
-    app = build_app(**json.loads(sys.argv[1]))
-    transport = httpx.ASGITransport(app=app)
-    out = []
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        for _ in range(5):
-            r = await client.post("/chat", json={"message": "hi"})
-            out.append({"status": r.status_code, "headers": dict(r.headers), "body": r.json()})
-        fb = await client.post("/feedback?trace_id=tr-0123456789abcdef0123456789abcdef", json={"is_correct": True})
-        out.append({"status": fb.status_code, "body": fb.json()})
-    waits = middleware_of(app).backend.startup_waits
-    print(json.dumps({"responses": out, "logs": [(r.levelname, r.getMessage()) for r in kept], "waits": waits}))
-
-asyncio.run(main())
-"""
+SCRIPT = "startup_outcomes"  # tests/scripts/startup_outcomes.py
 
 
 def run_app(kwargs: dict[str, object], env: dict[str, str]) -> dict[str, object]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | env
     full_env["MLFLOW_FEEDBACK_OUTBOX"] = os.environ["MLFLOW_FEEDBACK_OUTBOX"]
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(kwargs)],
+        [sys.executable, "-m", f"tests.scripts.{SCRIPT}", json.dumps(kwargs)],
         cwd=ROOT,
         env=full_env,
         capture_output=True,
