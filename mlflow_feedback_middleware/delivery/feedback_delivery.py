@@ -36,12 +36,10 @@ from .writer import (
     REFUSED,
     REJECTED,
     UNAVAILABLE,
+    FeedbackWriter,
+    MlflowFeedbackWriter,
     Refused,
     classify,
-    log_feedback,
-    search_trace_id,
-    trace_facts,
-    update_feedback,
 )
 
 logger = logging.getLogger("mlflow_feedback_middleware")
@@ -80,8 +78,10 @@ class FeedbackDelivery:
         unknown_wait: float,
         known_wait: float,
         exit_timeout: float,
+        writer: FeedbackWriter | None = None,
     ) -> None:
         self.outbox = outbox
+        self._writer: FeedbackWriter = writer or MlflowFeedbackWriter()
         self.destination = destination
         self._backend = backend
         self._recent = recent
@@ -240,7 +240,7 @@ class FeedbackDelivery:
                 raise ConnectionError("the MLflow experiment is not resolved yet")
             # One vote per voter and name on a trace: a user, or for anonymous votes the one person the answer
             # was given to (a trace is one request's answer), so a vote changes and is never stuffed.
-            facts = trace_facts(item.trace_id, item.id, item.source_id)
+            facts = self._writer.trace_facts(item.trace_id, item.id, item.source_id)
             if facts is not None and not item.issued_here and facts.experiment_id != self._backend.experiment_id:
                 # Another service's trace on the same server: refused exactly as a made-up ID is.
                 item.state, item.last_error = FAILED, "trace not found in this service's experiment"
@@ -251,9 +251,9 @@ class FeedbackDelivery:
                 assessment_id = facts.written.get(index) if facts else None
                 earlier = facts.earlier_votes.get(assessment.name) if facts else None
                 if assessment_id is None and earlier is not None:  # one vote per user and name
-                    assessment_id = update_feedback(item.trace_id, earlier, assessment, item.id, index)
+                    assessment_id = self._writer.update_feedback(item.trace_id, earlier, assessment, item.id, index)
                 elif assessment_id is None:
-                    assessment_id = log_feedback(item.trace_id, assessment, item.source_id, item.id, index)
+                    assessment_id = self._writer.log_feedback(item.trace_id, assessment, item.source_id, item.id, index)
                 item.assessment_ids.append(assessment_id)
         except Exception as exc:
             return self._failed(item, exc)
@@ -318,7 +318,6 @@ class FeedbackDelivery:
 
     def recheck_failed(self) -> int:
         """Put back in the queue the items failed for a missing trace that has appeared since; how many."""
-        from .writer import trace_exists
 
         since = time.time() - _RECHECK_HORIZON_SECONDS
         revived = 0
@@ -326,7 +325,11 @@ class FeedbackDelivery:
             if self._server.problem() is not None:
                 break
             try:
-                found = trace_exists(item.trace_id) if item.trace_id else self._resolve(item.client_request_id or "")
+                found = (
+                    self._writer.trace_exists(item.trace_id)
+                    if item.trace_id
+                    else self._resolve(item.client_request_id or "")
+                )
             except Exception:
                 continue
             if found:
@@ -349,7 +352,7 @@ class FeedbackDelivery:
         if experiment_id is None:
             self._backend.start_resolving()
             raise ConnectionError("the MLflow experiment is not resolved yet")
-        return search_trace_id(experiment_id, client_request_id, self._backend.otlp)
+        return self._writer.search_trace_id(experiment_id, client_request_id, self._backend.otlp)
 
     def _not_found(self, item: Item) -> str:
         now = time.time()

@@ -10,7 +10,7 @@ rather than joined by a second one, and tells which experiment the trace belongs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import mlflow
 from mlflow.entities import AssessmentSource, Feedback
@@ -153,3 +153,31 @@ def search_trace_id(experiment_id: str, client_request_id: str, by_tag: bool) ->
     if traces and traces[0].info.tags.get(REQUEST_ID_SOURCE_TAG) == "client":
         raise Refused(403, CHOSEN_BY_CLIENT)
     return traces[0].info.trace_id if traces else None
+
+
+class FeedbackWriter(Protocol):
+    """What delivery needs of the tracking store; `MlflowFeedbackWriter` in production, a fake in unit tests."""
+
+    def trace_facts(self, trace_id: str, feedback_id: str, source_id: str) -> TraceFacts: ...
+
+    def trace_exists(self, trace_id: str) -> bool: ...
+
+    def search_trace_id(self, experiment_id: str, client_request_id: str, by_tag: bool) -> str | None: ...
+
+    def log_feedback(
+        self, trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int
+    ) -> str | None: ...
+
+    def update_feedback(
+        self, trace_id: str, earlier_id: str, assessment: Assessment, feedback_id: str, index: int
+    ) -> str | None: ...
+
+
+class MlflowFeedbackWriter:
+    """Writes through MLflow's public tracing API (the functions of this module)."""
+
+    trace_facts = staticmethod(trace_facts)
+    trace_exists = staticmethod(trace_exists)
+    search_trace_id = staticmethod(search_trace_id)
+    log_feedback = staticmethod(log_feedback)
+    update_feedback = staticmethod(update_feedback)

@@ -1,0 +1,188 @@
+"""The delivery state machine, with a fake writer in place of the tracking store and an in-memory outbox: what
+each answer of the store makes of an item, and the queue's order. No server (tests/test_no_loss.py and
+tests/test_feedback.py run delivery against a real one)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+
+from mlflow_feedback_middleware._mlflow import server_watch
+from mlflow_feedback_middleware.delivery import feedback_delivery as delivery_module
+from mlflow_feedback_middleware.delivery.feedback_delivery import WAITING, FeedbackDelivery
+from mlflow_feedback_middleware.delivery.outbox import DELIVERED, FAILED, PENDING, Item, Outbox
+from mlflow_feedback_middleware.delivery.registry import RecentTraces
+from mlflow_feedback_middleware.delivery.writer import NOT_FOUND, REJECTED, UNAVAILABLE, TraceFacts
+from mlflow_feedback_middleware.intake.models import Assessment
+
+TRACE = "tr-" + "a" * 32
+
+
+def missing() -> MlflowException:
+    return MlflowException("trace not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+
+@dataclass
+class FakeWriter:
+    """The tracking store as delivery sees it: facts per trace, and every write recorded."""
+
+    facts: dict[str, TraceFacts] = field(default_factory=dict)
+    fail_with: BaseException | None = None  # raised by the next write
+    writes: list[tuple[str, str, Any]] = field(default_factory=list)
+
+    def trace_facts(self, trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
+        if trace_id not in self.facts:
+            raise missing()
+        return self.facts[trace_id]
+
+    def trace_exists(self, trace_id: str) -> bool:
+        return trace_id in self.facts
+
+    def search_trace_id(self, experiment_id: str, client_request_id: str, by_tag: bool) -> str | None:
+        return None
+
+    def _write(self, kind: str, trace_id: str, assessment: Assessment) -> str:
+        if self.fail_with is not None:
+            error, self.fail_with = self.fail_with, None
+            raise error
+        self.writes.append((kind, trace_id, assessment.value))
+        return f"a-{len(self.writes)}"
+
+    def log_feedback(self, trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int) -> str:
+        return self._write("log", trace_id, assessment)
+
+    def update_feedback(
+        self, trace_id: str, earlier_id: str, assessment: Assessment, feedback_id: str, index: int
+    ) -> str:
+        return self._write("update", trace_id, assessment)
+
+
+@pytest.fixture
+def server_up(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str | None]]:
+    """The tracking server's health as the delivery's watch probes it: None (answers) or why not."""
+    answer: list[str | None] = [None]
+    monkeypatch.setattr(server_watch, "probe", lambda uri, timeout: answer[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    yield answer
+
+
+def delivery(writer: FakeWriter, known_wait: float = 300.0, unknown_wait: float = 0.0) -> FeedbackDelivery:
+    backend = SimpleNamespace(experiment_id="1", unreachable=False, otlp=False, start_resolving=lambda: None)
+    return FeedbackDelivery(
+        Outbox(None),
+        backend,  # type: ignore[arg-type]
+        RecentTraces(),
+        "test",
+        unknown_wait=unknown_wait,
+        known_wait=known_wait,
+        exit_timeout=1.0,
+        writer=writer,
+    )
+
+
+def item(*values: Any, trace_id: str = TRACE, issued_here: bool = True) -> Item:
+    assessments = [Assessment(f"name{i}", value) for i, value in enumerate(values)]
+    return Item("test", trace_id, None, "ann", assessments, issued_here)
+
+
+def test_an_item_is_written_and_delivered(server_up: list[str | None]) -> None:
+    writer = FakeWriter({TRACE: TraceFacts("1")})
+    vote = item(True, 0.8)
+    assert delivery(writer).attempt(vote) == DELIVERED
+    assert writer.writes == [("log", TRACE, True), ("log", TRACE, 0.8)]
+    assert vote.state == DELIVERED and vote.assessment_ids == ["a-1", "a-2"]
+
+
+def test_a_voters_second_vote_updates_the_first(server_up: list[str | None]) -> None:
+    writer = FakeWriter({TRACE: TraceFacts("1", earlier_votes={"name0": "a-old"})})
+    assert delivery(writer).attempt(item(False)) == DELIVERED
+    assert writer.writes == [("update", TRACE, False)]
+
+
+def test_a_retried_item_writes_only_what_is_missing(server_up: list[str | None]) -> None:
+    """After a crash mid-item, the assessments its ID already wrote (read back from the trace) are not
+    written again."""
+    writer = FakeWriter({TRACE: TraceFacts("1", written={0: "a-0"})})
+    vote = item(True, 0.8)
+    assert delivery(writer).attempt(vote) == DELIVERED
+    assert writer.writes == [("log", TRACE, 0.8)] and vote.assessment_ids == ["a-0", "a-1"]
+
+
+def test_a_trace_not_exported_yet_is_waited_for_then_failed(server_up: list[str | None]) -> None:
+    writer = FakeWriter()
+    vote = item(True)
+    assert delivery(writer, known_wait=300).attempt(vote) == WAITING and vote.state == PENDING
+    assert delivery(writer, known_wait=0).attempt(vote) == NOT_FOUND and vote.state == FAILED
+    assert writer.writes == []
+
+
+def test_another_services_trace_is_not_found_here(server_up: list[str | None]) -> None:
+    writer = FakeWriter({TRACE: TraceFacts("2")})
+    vote = item(True, issued_here=False)
+    assert delivery(writer).attempt(vote) == NOT_FOUND and writer.writes == []
+
+
+def test_a_refusal_fails_the_item_and_an_outage_keeps_it(server_up: list[str | None]) -> None:
+    writer = FakeWriter({TRACE: TraceFacts("1")})
+    writer.fail_with = MlflowException("bad value", error_code=INVALID_PARAMETER_VALUE)
+    refused = item(True)
+    assert delivery(writer).attempt(refused) == REJECTED and refused.state == FAILED
+
+    writer.fail_with = ConnectionError("refused")
+    kept = item(True)
+    assert delivery(writer).attempt(kept) == UNAVAILABLE and kept.state == PENDING and kept.attempts == 1
+
+
+def test_nothing_is_tried_while_the_server_is_down(server_up: list[str | None]) -> None:
+    server_up[0] = "ConnectionRefusedError: [Errno 111]"
+    writer = FakeWriter({TRACE: TraceFacts("1")})
+    vote = item(True)
+    assert delivery(writer).attempt(vote) == UNAVAILABLE and writer.writes == []
+    assert vote.last_error == server_up[0]
+
+
+def test_an_items_own_error_does_not_hold_up_the_queue(server_up: list[str | None]) -> None:
+    """A 5xx on one item while the server's health check passes is the item's: it is retried on its own,
+    later, and the items behind it are delivered now, in order."""
+    writer = FakeWriter({TRACE: TraceFacts("1"), "tr-" + "b" * 32: TraceFacts("1")})
+    runner = delivery(writer)
+    first, second = item("first"), item("second", trace_id="tr-" + "b" * 32)
+    for vote in (first, second):
+        runner.accept(vote)
+    writer.fail_with = ConnectionError("500 on this item only")
+    runner._pass(None, everything=False)
+    assert writer.writes == [("log", "tr-" + "b" * 32, "second")]
+    stored = runner.outbox.get(first.id)
+    assert stored is not None and stored.state == PENDING and stored.item_errors == 1
+    assert runner.outbox.stats("test")["delivered"] == 1
+
+
+def test_an_outage_keeps_the_order(server_up: list[str | None]) -> None:
+    """When the server stops answering mid-pass, nothing after the failed item goes first."""
+    writer = FakeWriter({TRACE: TraceFacts("1")})
+    runner = delivery(writer)
+    first, second = item("first"), item("second")
+    for vote in (first, second):
+        runner.accept(vote)
+    writer.fail_with = ConnectionError("refused")
+    server_up[0] = None
+    original = delivery_module.FeedbackDelivery.attempt
+
+    def attempt_then_go_down(self: FeedbackDelivery, vote: Item) -> str:
+        outcome = original(self, vote)
+        server_up[0] = "ConnectionRefusedError"  # the server went away with the first call
+        return outcome
+
+    delivery_module.FeedbackDelivery.attempt = attempt_then_go_down  # type: ignore[method-assign]
+    try:
+        runner._pass(None, everything=False)
+    finally:
+        delivery_module.FeedbackDelivery.attempt = original  # type: ignore[method-assign]
+    assert writer.writes == []
+    assert runner.outbox.stats("test")["pending"] == 2

@@ -1,0 +1,100 @@
+"""The report's arithmetic on traced requests built in memory: rates as MLflow's guide defines them, ratings,
+categories, groups, time parsing. No server (tests/test_report.py runs the same over a real experiment)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlflow_feedback_middleware.insight.report import (
+    TracedRequest,
+    Vote,
+    build_report,
+    group_key,
+    parse_time,
+    summarize,
+)
+from mlflow_feedback_middleware.intake.schema import FeedbackSchema
+
+DAY = 86_400_000
+
+
+def vote(name: str, value: object, rationale: str | None = None, time_ms: int = 0, user: str = "u") -> Vote:
+    return Vote("tr-1", name, value, user, rationale, time_ms)
+
+
+def request(*votes: Vote, time_ms: int = 0, route: str | None = "POST /chat", user: str | None = None) -> TracedRequest:
+    return TracedRequest("tr-1", time_ms, route, user, None, list(votes))
+
+
+def test_rates_follow_the_guides_definitions() -> None:
+    """feedback_rate: requests with any feedback per request; positive_rate: positive thumbs per request with
+    feedback (so a request with only a rating lowers it), both in percent."""
+    rows = [
+        request(vote("user_feedback", True)),
+        request(vote("user_feedback", False, "wrong")),
+        request(vote("user_accuracy", 0.8)),
+        request(),
+    ]
+    report = summarize(rows)
+    assert report["total_traces"] == 4 and report["traces_with_feedback"] == 3
+    assert report["feedback_rate"] == 75.0
+    assert report["positive_rate"] == pytest.approx(100 / 3)
+    assert (report["positive_count"], report["negative_count"]) == (1, 1)
+    assert report["latest_negative_comments"][0]["comment"] == "wrong"
+
+
+def test_no_requests_give_zero_rates_not_an_error() -> None:
+    report = summarize([])
+    assert report["feedback_rate"] == 0 and report["positive_rate"] == 0 and report["ratings"] == {}
+
+
+def test_ratings_and_categories() -> None:
+    rows = [request(vote("user_accuracy", 0.6), vote("user_accuracy", 1.0), vote("topic", "billing"))]
+    rows.append(request(vote("user_accuracy", 1), vote("topic", "billing"), vote("topic", "login")))
+    report = summarize(rows)
+    accuracy = report["ratings"]["accuracy"]
+    assert accuracy["count"] == 3 and accuracy["mean"] == pytest.approx(2.6 / 3) and accuracy["median"] == 1.0
+    assert accuracy["distribution"] == {"0.6": 1, "1": 2}
+    assert report["categories"] == {"topic": {"billing": 2, "login": 1}}
+
+
+def test_a_schema_says_which_choices_are_positive() -> None:
+    schema = FeedbackSchema.from_dict(
+        {
+            "feedback": [
+                {
+                    "type": "categorical",
+                    "name": "verdict",
+                    "choices": {"great": {"polarity": "positive"}, "bad": {"polarity": "negative"}},
+                }
+            ]
+        }
+    )
+    rows = [request(vote("verdict", "great")), request(vote("verdict", "bad")), request(vote("verdict", "great"))]
+    report = summarize(rows, schema)
+    assert (report["positive_count"], report["negative_count"]) == (2, 1)
+    assert report["positive_rate"] == pytest.approx(200 / 3)
+
+
+def test_groups_by_day_route_and_user() -> None:
+    rows = [
+        request(vote("user_feedback", True), time_ms=0, user="ann"),
+        request(vote("user_feedback", False), time_ms=DAY + 1, route="POST /other", user="ann"),
+        request(time_ms=DAY + 2, route=None),
+    ]
+    by_day = build_report(rows, "day")
+    assert list(by_day["groups"]) == ["1970-01-01", "1970-01-02"]
+    assert by_day["groups"]["1970-01-02"]["feedback_rate"] == 50.0
+    assert list(build_report(rows, "route")["groups"]) == ["(none)", "POST /chat", "POST /other"]
+    assert group_key(rows[0], "hour") == "1970-01-01T00:00Z" and group_key(rows[2], "user") == "(none)"
+    with pytest.raises(ValueError, match="cannot group by"):
+        build_report(rows, "weekday")
+
+
+def test_times_relative_and_absolute() -> None:
+    now = 1_000_000.0
+    assert parse_time("24h", now) == int((now - 86_400) * 1000)
+    assert parse_time("30m", now) == int((now - 1_800) * 1000)
+    assert parse_time("2026-11-30T12:00:00Z", now) == 1_796_040_000_000
+    with pytest.raises(ValueError):
+        parse_time("yesterday", now)
