@@ -40,6 +40,7 @@ from .intake.identity import IdentityResolver
 from .intake.limits import FeedbackLimits, RateLimit
 from .intake.schema import FeedbackSchema
 from .intake.tokens import FeedbackTokens
+from .logs import show_logs
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
@@ -92,6 +93,7 @@ class MlflowFeedbackMiddleware:
         # The options, their defaults and their MLFLOW_FEEDBACK_<NAME> variables are defined in config.Settings:
         # an argument left UNSET takes its variable, else its default; one given here wins.
         given = {k: v for k, v in locals().items() if k not in ("self", "app") and v is not UNSET}
+        show_logs()
         self.app = app
         self.settings = settings = Settings.from_arguments(given)
         self.tokens = (
@@ -108,6 +110,9 @@ class MlflowFeedbackMiddleware:
         self.backend = MlflowBackend(
             settings.tracking_uri, settings.experiment_name, settings.mlflow_threads, settings.export
         )
+        if settings.feedback_path is not None:
+            signed = "signed tokens" if self.tokens is not None else "no tokens"
+            self.backend.announcement = f"; feedback at {settings.feedback_path}, {signed}"
         self.recent = RecentTraces()
         # Traces MLflow could not export go beside the outbox, for replay (one spool per process).
         outbox_dir = None if settings.outbox_path is None else os.path.dirname(os.path.abspath(settings.outbox_path))

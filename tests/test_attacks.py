@@ -16,10 +16,10 @@ from fastapi import FastAPI, WebSocket
 from fastapi.testclient import TestClient
 from mlflow.exceptions import MlflowException
 
-import mlflow_feedback_middleware.delivery.feedback_delivery as delivery_module
 import mlflow_feedback_middleware.delivery.outbox as outbox_module
 from mlflow_feedback_middleware import FeedbackSchema, MlflowFeedbackMiddleware, RateLimit, traced_turn
 from mlflow_feedback_middleware.delivery.outbox import Item, Outbox
+from mlflow_feedback_middleware.delivery.writer import MlflowFeedbackWriter
 from mlflow_feedback_middleware.intake.schema import Binary
 
 from .apps import build_app
@@ -72,14 +72,14 @@ async def test_an_item_the_server_errs_on_is_retried_alone_while_the_rest_are_de
         healthy = (await answer(client)).headers[TRACE_HEADER]
         get_trace(poisoned)
         get_trace(healthy)
-        real_log = delivery_module.log_feedback
+        real_log = MlflowFeedbackWriter.log_feedback
 
         def log_feedback(trace_id: str, *args: Any) -> Any:
             if trace_id == poisoned:  # the server's own 500 for this one item, multi-line as they come
                 raise MlflowException("INTERNAL_ERROR: boom\nTraceback (most recent call last):\n  ...")
             return real_log(trace_id, *args)
 
-        monkeypatch.setattr(delivery_module, "log_feedback", log_feedback)
+        monkeypatch.setattr(MlflowFeedbackWriter, "log_feedback", staticmethod(log_feedback))
         with caplog.at_level(logging.WARNING, logger="mlflow_feedback_middleware"):
             first = await client.post(f"/feedback?trace_id={poisoned}", json={"is_correct": True})
             second = await client.post(f"/feedback?trace_id={healthy}", json={"is_correct": True})

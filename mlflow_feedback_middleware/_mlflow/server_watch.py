@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 import mlflow
 
+from ..logs import without_credentials
+
 logger = logging.getLogger("mlflow_feedback_middleware")
 
 _BACKOFF = (1, 2, 5, 10, 30, 60)  # seconds between tries of a tracking server that does not answer
@@ -34,7 +36,8 @@ def probe(tracking_uri: str, timeout: float) -> str | None:
     if urlparse(tracking_uri).scheme not in ("http", "https"):
         return None
     try:
-        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+        # Without any user:password@ (urllib would take it for the host name; /health needs no credentials).
+        with urllib.request.urlopen(without_credentials(tracking_uri).rstrip("/") + "/health", timeout=timeout):
             return None
     except urllib.error.HTTPError:  # it answered, if only to refuse us: reachable
         return None

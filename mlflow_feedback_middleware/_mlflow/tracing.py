@@ -23,6 +23,7 @@ import mlflow
 from mlflow.entities import LiveSpan, MlflowExperimentLocation, SpanType
 from mlflow.exceptions import MlflowException
 
+from ..logs import without_credentials
 from . import internals
 from .distributed import continued_root
 from .export import flush_exports, speed_up_mlflow_exporter, spool_unexported, use_otlp_export
@@ -116,8 +117,8 @@ def _sampling_configured() -> bool:
 
 
 _URI_REMEDY = (
-    "With mlflow-tracing, set MLFLOW_TRACKING_URI (or tracking_uri=) to an http(s):// tracking server or"
-    " 'databricks'; a local sqlite:/// store needs the full 'mlflow' package."
+    "Set MLFLOW_TRACKING_URI (or tracking_uri=) to your tracking server, e.g. http://127.0.0.1:5000 (start one with"
+    " `mlflow server`), or 'databricks'; a local sqlite:/// store needs the full package (pip install mlflow)."
 )
 
 
@@ -152,6 +153,7 @@ class MlflowBackend:
         self._hooked_exporter: Any = None  # MLflow builds its exporter with the first span, and anew on a reset
         self._startup_deadline: float | None = None
         self.startup_waits = 0  # calls that waited for the experiment (the first ones, within the start-up wait)
+        self.announcement = ""  # what the start-up line adds (the middleware's feedback routes)
 
     def _new_executor(self) -> DaemonExecutor:
         return DaemonExecutor(self._threads, "mlflow-feedback")
@@ -169,7 +171,15 @@ class MlflowBackend:
         try:
             uri = mlflow.get_tracking_uri()
         except Exception as exc:  # mlflow-tracing raises here when no URI is configured at all
-            self._disable(f"no usable tracking URI ({type(exc).__name__}: {exc})")
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                # MLflow's default is a local sqlite store, which needs the full package (its error names a
+                # missing module, such as sqlparse, which sends people the wrong way).
+                self._disable(
+                    "no tracking URI is set, and MLflow's default (a local sqlite:///mlflow.db store) needs the"
+                    f" full mlflow package ({type(exc).__name__}: {exc})"
+                )
+            else:
+                self._disable(f"no usable tracking URI ({type(exc).__name__}: {exc})")
             return None
         remote = urlparse(uri).scheme in _REMOTE_SCHEMES
         try:
@@ -187,29 +197,41 @@ class MlflowBackend:
             return None
         except Exception as exc:
             if not remote:
-                self._disable(f"tracking URI {uri!r} is not usable here ({type(exc).__name__}: {exc})")
+                self._disable(
+                    f"tracking URI {without_credentials(uri)!r} is not usable here ({type(exc).__name__}: {exc})"
+                )
                 return None
             delay = backoff_seconds(self._failures + 1)
             if self._failures == 0:
                 logger.warning(
                     "MLflow tracking server %s is unreachable (%s); requests pass through untraced, "
                     "retrying in the background",
-                    uri,
+                    without_credentials(uri),
                     exc,
                 )
             self._failures += 1
             self._next_attempt_at = time.monotonic() + delay
             return None
         if self._failures:
-            logger.warning("MLflow tracking server %s is reachable again; tracing resumes", uri)
+            logger.warning("MLflow tracking server %s is reachable again; tracing resumes", without_credentials(uri))
         self._failures = 0
         if self._export == "otlp":
             self.otlp = use_otlp_export(uri, experiment_id)
         self._warm_up()
         self._location = MlflowExperimentLocation(experiment_id=experiment_id)
         self.experiment_id = experiment_id
-        logger.info("MlflowFeedbackMiddleware traces requests to experiment %s at %s", experiment_id, uri)
+        logger.info(
+            "tracing requests to experiment %s at %s (export=%s%s)",
+            self._experiment_label(experiment_id),
+            without_credentials(uri),
+            "otlp" if self.otlp else "mlflow",
+            self.announcement,
+        )
         return experiment_id
+
+    def _experiment_label(self, experiment_id: str) -> str:
+        name = self._experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        return f"{name!r} (ID {experiment_id})" if name else experiment_id
 
     def _find_experiment(self, uri: str) -> str:
         name = self._experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")

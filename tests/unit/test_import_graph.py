@@ -11,7 +11,7 @@ NAME = PACKAGE.name
 
 # What each subsystem (or shared top-level module) may import besides itself, bottom up; `middleware`, the
 # entry point, may import anything. See ARCHITECTURE.md.
-LEAVES = {"ids", "redaction", "sqlite_files"}
+LEAVES = {"ids", "logs", "redaction", "sqlite_files"}
 LAYERS: dict[str, set[str]] = {
     **{leaf: set() for leaf in LEAVES},
     "_mlflow": LEAVES,
