@@ -255,8 +255,26 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["report", "--experiment", "x", "--since", "yesterday-ish"])
     assert exit_info.value.code == 2 and "neither a duration" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="no experiment named 'no-such-experiment'"):
-        main(["report", "--experiment", "no-such-experiment", "--tracking-uri", mlflow.get_tracking_uri()])
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--experiment", "no-such-experiment"], "no experiment named 'no-such-experiment'"),
+        (["--experiment-id", "999999"], "experiment ID 999999: RESOURCE_DOES_NOT_EXIST"),
+        (["--experiment-id", "0", "--tracking-uri", "http://127.0.0.1:9"], "cannot reach the tracking server"),
+        (["--experiment-id", "0", "--html", "/no/such/folder/report.html"], "cannot write /no/such/folder"),
+        (["--experiment-id", "0", "--schema", "/no/such/schema.toml"], "--schema /no/such/schema.toml"),
+    ],
+)
+def test_cli_user_errors_are_one_line_and_exit_2(
+    args: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever the user got wrong, one line on stderr names it: no traceback, no minutes of retries."""
+    uri = ["--tracking-uri", mlflow.get_tracking_uri()] if "--tracking-uri" not in args else []
+    assert main(["report", *args, *uri, "--timeout", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mlflow-feedback: ") and says in err and "\n" not in err, err
 
 
 def test_installed_command_writes_html_that_renders_in_chromium(seeded: Seeded, tmp_path: Path) -> None:

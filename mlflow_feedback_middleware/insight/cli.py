@@ -5,7 +5,9 @@
     mlflow-feedback report --experiment chat --since 30d --by day --html report.html
     mlflow-feedback export --experiment chat --only negative --output thumbs-down.jsonl
 
-The tracking server comes from ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``.
+The tracking server comes from ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` (the demo's store:
+``--tracking-uri sqlite:///examples/mlflow.db``, run with the demo's environment, ``.venv-mlflow/bin/mlflow-feedback``).
+A user error (an unreachable server, a missing experiment or file) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,22 +16,59 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
+from .._mlflow.server_watch import probe
 from .._mlflow.tracing import find_experiment
 from ..intake.schema import FeedbackSchema
+from ..logs import without_credentials
 from .report import GROUPINGS, build_report, iso_time, parse_time, search_requests
 
 
-def _experiment_id(name: str | None, experiment_id: str | None) -> str:
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, exit status 2."""
+
+
+def _tracking_uri() -> str:
     try:
-        return find_experiment(mlflow.get_tracking_uri(), name, experiment_id, create=False)
+        return mlflow.get_tracking_uri()
+    except Exception:  # mlflow-tracing without a URI: MLflow's sqlite default needs the full package
+        raise UserError(
+            "no tracking server: pass --tracking-uri (or set MLFLOW_TRACKING_URI), e.g. http://127.0.0.1:5000"
+        ) from None
+
+
+def _connect(timeout: float) -> str:
+    """The tracking URI, checked to answer within `timeout` seconds; MLflow's calls bounded by it too."""
+    # MLflow's client retries a refused connection for minutes by default; a command line should not.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(int(timeout), 1)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    uri = _tracking_uri()
+    shown = without_credentials(uri)
+    if sys.stderr.isatty():
+        sys.stderr.write(f"connecting to {shown}…")
+        sys.stderr.flush()
+    problem = probe(uri, timeout)
+    _done_reading()
+    if problem is not None:
+        raise UserError(f"cannot reach the tracking server at {shown} ({problem}); check --tracking-uri")
+    return uri
+
+
+def _experiment_id(uri: str, name: str | None, experiment_id: str | None) -> str:
+    try:
+        return find_experiment(uri, name, experiment_id, create=False)
     except LookupError as exc:
-        raise SystemExit(f"mlflow-feedback: {exc}") from None
+        raise UserError(str(exc)) from None
+    except MlflowException as exc:
+        what = f"experiment {name!r}" if name else f"experiment ID {experiment_id}"
+        raise UserError(f"{what}: {exc.message}") from None
 
 
 def _progress(stream: TextIO) -> Any:
@@ -110,7 +149,7 @@ def _window(args: argparse.Namespace) -> tuple[str, int | None, int | None]:
     """The experiment and time window the command line names (connecting to its tracking server)."""
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
-    experiment_id = _experiment_id(args.experiment, args.experiment_id)
+    experiment_id = _experiment_id(_connect(args.timeout), args.experiment, args.experiment_id)
     return experiment_id, parse_time(args.since) if args.since else None, parse_time(args.until) if args.until else None
 
 
@@ -119,12 +158,24 @@ def _done_reading() -> None:
         sys.stderr.write("\r\033[K")  # clear the progress line
 
 
+def _writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {path}: {folder} is not a folder this user can write to")
+
+
 def _report(args: argparse.Namespace) -> int:
+    # Everything the user named is checked before the (possibly long) read from the server.
+    try:
+        schema = FeedbackSchema.load(args.schema) if args.schema else None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--schema {args.schema}: {exc}") from None
+    if args.html:
+        _writable(args.html)
     experiment_id, since, until = _window(args)
     requests = list(search_requests(experiment_id, since, until, _progress(sys.stderr)))
     _done_reading()
     window = {k: None if ms is None else iso_time(ms) for k, ms in (("since", since), ("until", until))}
-    schema = FeedbackSchema.load(args.schema) if args.schema else None
     report = build_report(requests, args.by, schema, experiment=args.experiment or experiment_id, window=window)
     if args.html:
         from .report_html import write_html
@@ -142,6 +193,8 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .datasets import feedback_records, to_mlflow_dataset, write_jsonl
 
+    if args.output != "-":
+        _writable(args.output)
     experiment_id, since, until = _window(args)
     records = list(feedback_records(experiment_id, args.only, since, until, _progress(sys.stderr)))
     _done_reading()
@@ -155,7 +208,7 @@ def _export(args: argparse.Namespace) -> int:
         try:
             message += f"; MLflow evaluation dataset {to_mlflow_dataset(records, args.dataset, experiment_id)}"
         except RuntimeError as exc:
-            raise SystemExit(f"mlflow-feedback: {exc}") from None
+            raise UserError(str(exc)) from None
     print(f"mlflow-feedback: {message}", file=sys.stderr)
     return 0
 
@@ -180,6 +233,9 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--tracking-uri", help="tracking server (default: MLFLOW_TRACKING_URI)")
         command.add_argument("--since", help="start of the window: 24h, 7d, 30m ago, or an ISO date/time (UTC)")
         command.add_argument("--until", help="end of the window (exclusive), same forms; default now")
+        command.add_argument(
+            "--timeout", type=float, default=30.0, help="seconds to wait for the tracking server (default 30)"
+        )
     report.add_argument("--by", choices=GROUPINGS, help="also report per day, hour, route, user or session")
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
     report.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with charts")
@@ -217,7 +273,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             parser().error(str(exc))
     run: Any = args.run
-    return int(run(args))
+    try:
+        return int(run(args))
+    except UserError as exc:
+        print(f"mlflow-feedback: {exc}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:  # the server refused a read: its message, not a traceback
+        print(f"mlflow-feedback: the tracking server answered: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
