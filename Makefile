@@ -26,9 +26,12 @@ COMPAT_TESTS := tests/unit tests/test_tracing.py tests/test_feedback.py tests/te
 	.venv-oldest/bin/pip install $(PIP_FLAGS) -e '.[test]' 'mlflow-tracing==$(OLDEST_MLFLOW_TRACING)'
 	touch $@
 
+# The first build downloads the full mlflow package (about 850 MB installed): it says so, and pip shows progress.
 .venv-mlflow/.ready: pyproject.toml
+	@echo "Building .venv-mlflow: the full mlflow package for the demo and the tests' tracking server."
+	@echo "First run only: about 850 MB, 3-10 minutes depending on the network; later runs start at once."
 	$(PYTHON) -m venv .venv-mlflow
-	.venv-mlflow/bin/pip install $(PIP_FLAGS) -e '.[mlflow,demo]'
+	.venv-mlflow/bin/pip install --disable-pip-version-check --progress-bar on -e '.[mlflow,demo]'
 	touch $@
 
 ## demo: the example chat app with the middleware, on a local sqlite MLflow store (examples/mlflow.db)

@@ -84,6 +84,8 @@ def test_the_demo_page_collects_feedback_in_chromium(demo_app: str, browser: Any
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    missing: list[str] = []  # e.g. a favicon the page asks for and the app does not serve
+    page.on("response", lambda response: response.status == 404 and missing.append(response.url))
     page.goto(demo_app)
 
     streamed = ask(page, "tell me about mlflow", stream=True)
@@ -91,6 +93,11 @@ def test_the_demo_page_collects_feedback_in_chromium(demo_app: str, browser: Any
     streamed.locator("button[aria-label='Good answer']").click()
     streamed.locator(".mlflow-feedback-status", has_text="Thanks").wait_for()
     assert streamed.locator("button[aria-label='Good answer']").get_attribute("aria-pressed") == "true"
+    assert streamed.locator("button[aria-label='Good answer']").inner_text() == "Helpful"  # a word, not an emoji
+    streamed.locator("button[aria-label='Bad answer']").click()  # the visitor changes their mind
+    streamed.locator("button[aria-label='Bad answer'][aria-pressed=true]").wait_for()
+    link = streamed.locator(".trace-link").get_attribute("href") or ""
+    assert "/#/experiments/" in link and link.endswith(trace_id_of(streamed)), link
 
     answered = ask(page, "how does feedback work", stream=False)
     answered.locator(".mlflow-feedback-comment").fill("too vague")
@@ -112,14 +119,16 @@ def test_the_demo_page_collects_feedback_in_chromium(demo_app: str, browser: Any
     artifacts = ROOT / "tests" / "artifacts"
     artifacts.mkdir(exist_ok=True)
     page.screenshot(path=str(artifacts / "demo-page.png"), full_page=True)
-    assert errors == []
+    assert errors == [] and missing == []
 
+    wait_until(lambda: httpx.get(demo_app + "/feedback/health").json()["outbox"]["pending"] == 0, 60, "drained")
     streamed_votes = human_votes(trace_id_of(streamed), 1)
-    assert [(v.name, v.value) for v in streamed_votes] == [("user_feedback", True)]
+    # One vote, the visitor's last: the page sends a stable anonymous visitor ID, so a flip updates the vote.
+    assert [(v.name, v.value) for v in streamed_votes] == [("user_feedback", False)], streamed_votes
+    assert streamed_votes[0].source.source_id.startswith("visitor-")
     answered_votes = human_votes(trace_id_of(answered), 1)
     assert [(v.value, v.rationale) for v in answered_votes] == [(False, "too vague")]
     assert [v.value for v in human_votes(trace_id_of(offline), 1)] == [True]
-    wait_until(lambda: httpx.get(demo_app + "/feedback/health").json()["outbox"]["pending"] == 0, 60, "drained")
     assert len(human_votes(trace_id_of(doubled), 1)) == 1  # two clicks, one vote, and no second one queued
     context.close()
 

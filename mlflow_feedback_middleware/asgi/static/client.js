@@ -106,7 +106,14 @@ export async function flushQueue() {
 window.addEventListener("online", () => { flushQueue(); });
 if (navigator.onLine && readQueue().length) flushQueue();  // left over from an earlier visit
 
-/** An accessible 👍/👎 control with an optional comment, and rating controls from the schema route. */
+// Thumb icons (Feather icons, MIT), inline so they render without an emoji font and follow the text colour.
+const ICON = (path) =>
+  `<svg aria-hidden="true" width="16" height="16" viewBox="0 0 24 24" fill="none" stroke="currentColor" stroke-width="2"` +
+  ` stroke-linecap="round" stroke-linejoin="round" style="vertical-align:-3px;margin-right:.3em"><path d="${path}"/></svg>`;
+const THUMB_UP = ICON("M14 9V5a3 3 0 0 0-3-3l-4 9v11h11.28a2 2 0 0 0 2-1.7l1.38-9a2 2 0 0 0-2-2.3zM7 22H4a2 2 0 0 1-2-2v-7a2 2 0 0 1 2-2h3");
+const THUMB_DOWN = ICON("M10 15v4a3 3 0 0 0 3 3l4-9V2H5.72a2 2 0 0 0-2 1.7l-1.38 9a2 2 0 0 0 2 2.3zm7-13h2.67A2.31 2.31 0 0 1 22 4v7a2.31 2.31 0 0 1-2.33 2H17");
+
+/** An accessible thumbs-up/down control with an optional comment, and rating controls from the schema route. */
 export class FeedbackControl {
   constructor(container, { endpoint = DEFAULT_ENDPOINT, comment = true, ratings = true } = {}) {
     this.endpoint = endpoint;
@@ -116,8 +123,8 @@ export class FeedbackControl {
     this.root.className = "mlflow-feedback";
     this.root.setAttribute("role", "group");
     this.root.setAttribute("aria-label", "Rate this answer");
-    this.up = this.#button("👍", "Good answer", true);
-    this.down = this.#button("👎", "Bad answer", false);
+    this.up = this.#button("Helpful", "Good answer", true);
+    this.down = this.#button("Not helpful", "Bad answer", false);
     if (comment) {
       this.comment = document.createElement("input");
       this.comment.type = "text";
@@ -150,7 +157,9 @@ export class FeedbackControl {
   #button(label, name, value) {
     const button = document.createElement("button");
     button.type = "button";
-    button.textContent = label;
+    button.className = value ? "mlflow-feedback-up" : "mlflow-feedback-down";
+    // An icon drawn here (no emoji font needed) and a word beside it; screen readers get the name.
+    button.innerHTML = `${value ? THUMB_UP : THUMB_DOWN}<span aria-hidden="true">${label}</span>`;
     button.setAttribute("aria-label", name);
     button.setAttribute("aria-pressed", "false");
     button.addEventListener("click", () => this.vote({ is_correct: value }, button));
