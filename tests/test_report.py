@@ -248,7 +248,8 @@ def test_cli_json_csv_and_table(seeded: Seeded, capsys: pytest.CaptureFixture[st
     assert sum(int(r["total_traces"]) for r in rows[1:]) == report["total_traces"]
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert f"traced requests       {report['total_traces']}" in table and "Ratings (0-1)" in table
+    assert f"traced requests       {report['total_traces']}" in table and "\nRatings\n" in table
+    assert "(0-1)" in table  # ratings logged without their scale show as stored
 
 
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -268,11 +269,18 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     ],
 )
 def test_cli_user_errors_are_one_line_and_exit_2(
-    args: list[str], says: str, capsys: pytest.CaptureFixture[str]
+    args: list[str], says: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Whatever the user got wrong, one line on stderr names it: no traceback, no minutes of retries."""
-    uri = ["--tracking-uri", mlflow.get_tracking_uri()] if "--tracking-uri" not in args else []
-    assert main(["report", *args, *uri, "--timeout", "5"]) == 2
+    # The command sets these for its process; here they are undone after the test, as is its tracking URI.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    server = mlflow.get_tracking_uri()
+    uri = ["--tracking-uri", server] if "--tracking-uri" not in args else []
+    try:
+        assert main(["report", *args, *uri, "--timeout", "5"]) == 2
+    finally:
+        mlflow.set_tracking_uri(server)
     err = capsys.readouterr().err.strip()
     assert err.startswith("mlflow-feedback: ") and says in err and "\n" not in err, err
 

@@ -96,15 +96,22 @@ def format_table(report: dict[str, Any]) -> str:
     out.write(f"  traced requests       {report['total_traces']}\n")
     out.write(f"  with feedback         {report['traces_with_feedback']}  ({_percent(report['feedback_rate'])})\n")
     out.write(
-        f"  positive              {report['positive_count']} 👍 / {report['negative_count']} 👎"
-        f"  (positive rate {_percent(report['positive_rate'])})\n"
+        f"  thumbs                {report['positive_count']} up / {report['negative_count']} down"
+        f"  ({_percent(report['thumbs_positive_rate'])} of thumbs votes up)\n"
+    )
+    out.write(
+        f"  positive rate         {_percent(report['positive_rate'])}"
+        "  (MLflow guide's: thumbs up per request with any feedback)\n"
     )
     if report["ratings"]:
-        out.write("\nRatings (0-1)\n")
+        out.write("\nRatings\n")
         for dimension, stats in report["ratings"].items():
-            spread = "  ".join(f"{value}: {count}" for value, count in stats["distribution"].items())
+            scale = stats.get("scale_max")
+            mean = stats["mean_on_scale"] if scale else stats["mean"]
+            distribution = stats["distribution_on_scale"] if scale else stats["distribution"]
+            spread = "  ".join(f"{value}: {count}" for value, count in distribution.items())
             out.write(
-                f"  {dimension:<20} mean {stats['mean']:.2f}  median {stats['median']:.2f}"
+                f"  {dimension:<20} mean {mean:.2f} {f'of {scale:g}' if scale else '(0-1)'}"
                 f"  n={stats['count']}   {spread}\n"
             )
     for name, counts in report["categories"].items():
@@ -132,14 +139,14 @@ def format_csv(report: dict[str, Any]) -> str:
     rows = [("(all)", report), *report.get("groups", {}).items()]
     dimensions = sorted({d for _, r in rows for d in r["ratings"]})
     columns = ["group", "total_traces", "traces_with_feedback", "feedback_rate", "positive_rate"]
-    columns += ["positive_count", "negative_count"]
+    columns += ["positive_count", "negative_count", "thumbs_positive_rate"]
     columns += [f"rating_{d}_{stat}" for d in dimensions for stat in ("mean", "count")]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
     for key, figures in rows:
         ratings = figures["ratings"]
-        row = [key] + [figures[c] for c in columns[1:7]]
+        row = [key] + [figures[c] for c in columns[1:8]]
         row += [ratings.get(d, {}).get(stat, "") for d in dimensions for stat in ("mean", "count")]
         writer.writerow(row)
     return out.getvalue()
@@ -182,7 +189,7 @@ def _report(args: argparse.Namespace) -> int:
 
         by_time = args.by if args.by in ("day", "hour") else "day"
         timeline = report["groups"] if args.by == by_time else build_report(requests, by_time, schema)["groups"]
-        write_html(report, timeline, args.html)
+        write_html(report, timeline, args.html, by_time)
     if args.format == "json":
         sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     else:

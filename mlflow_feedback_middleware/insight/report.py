@@ -44,6 +44,7 @@ class Vote:
     user: str
     rationale: str | None
     time_ms: int
+    scale_max: float | None = None  # a rating's scale (stored value x scale_max = what the user gave)
 
 
 @dataclass
@@ -71,7 +72,8 @@ def _human_votes(trace_id: str, assessments: Iterable[Assessment]) -> list[Vote]
         if a.feedback is None or a.valid is False or a.source is None or a.source.source_type != "HUMAN":
             continue
         user = a.source.source_id or ""
-        votes.append(Vote(trace_id, a.name, a.feedback.value, user, a.rationale, a.create_time_ms or 0))
+        scale = _number((a.metadata or {}).get("rating_scale_max"))
+        votes.append(Vote(trace_id, a.name, a.feedback.value, user, a.rationale, a.create_time_ms or 0, scale))
     return votes
 
 
@@ -154,12 +156,16 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
 
     The overall figures keep the names and meanings of MLflow's guide (`analyze_user_feedback`):
     `feedback_rate` is the percentage of traced requests with any feedback, `positive_rate` the positive
-    thumbs per request with feedback, in percent. `ratings` are the `user_<dimension>` values (0-1).
+    thumbs per request with feedback, in percent (a request rated but not thumbed counts in the denominator).
+    `thumbs_positive_rate` is the share of thumbs votes that are positive, which is what most readers expect.
+    `ratings` are the `user_<dimension>` values as stored (0-1), and on the scale users gave them
+    (`scale_max`, `mean_on_scale`, `distribution_on_scale`) when every vote of a dimension says its scale.
     With a `schema`, its binary fields and the polarity of its categorical choices say what is positive.
     """
     polarity_of = (lambda v: schema.polarity(v.name, v.value)) if schema is not None else is_positive
     total = with_feedback = positive = negative = 0
     ratings: dict[str, list[float]] = {}
+    scales: dict[str, set[float | None]] = {}
     categories: dict[str, Counter[str]] = {}
     negative_comments: list[Vote] = []
     for request in requests:
@@ -176,7 +182,9 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
                 if vote.rationale:
                     negative_comments.append(vote)
             if vote.name.startswith(RATING_PREFIX) and _is_number(vote.value):
-                ratings.setdefault(vote.name[len(RATING_PREFIX) :], []).append(float(vote.value))
+                dimension = vote.name[len(RATING_PREFIX) :]
+                ratings.setdefault(dimension, []).append(float(vote.value))
+                scales.setdefault(dimension, set()).add(vote.scale_max)
             elif isinstance(vote.value, str):
                 categories.setdefault(vote.name, Counter())[vote.value] += 1
     negative_comments.sort(key=lambda v: v.time_ms, reverse=True)
@@ -187,7 +195,10 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
         "positive_rate": positive / with_feedback * 100 if with_feedback else 0,
         "positive_count": positive,
         "negative_count": negative,
-        "ratings": {dimension: _rating_stats(values) for dimension, values in sorted(ratings.items())},
+        "thumbs_positive_rate": positive / (positive + negative) * 100 if positive + negative else 0,
+        "ratings": {
+            dimension: _rating_stats(values, _one(scales[dimension])) for dimension, values in sorted(ratings.items())
+        },
         "categories": {name: dict(counts.most_common()) for name, counts in sorted(categories.items())},
         "latest_negative_comments": [
             {"trace_id": v.trace_id, "time": iso_time(v.time_ms), "user": v.user, "comment": v.rationale}
@@ -222,14 +233,32 @@ def build_report(
     return report
 
 
-def _rating_stats(values: list[float]) -> dict[str, Any]:
+def _rating_stats(values: list[float], scale_max: float | None) -> dict[str, Any]:
     distribution = Counter(round(v, 4) for v in values)
-    return {
+    stats: dict[str, Any] = {
         "mean": statistics.fmean(values),
         "median": statistics.median(values),
         "count": len(values),
         "distribution": {f"{k:g}": distribution[k] for k in sorted(distribution)},
     }
+    if scale_max is not None:
+        on_scale = Counter(round(v * scale_max, 2) for v in values)
+        stats["scale_max"] = scale_max
+        stats["mean_on_scale"] = stats["mean"] * scale_max
+        stats["distribution_on_scale"] = {f"{k:g}": on_scale[k] for k in sorted(on_scale)}
+    return stats
+
+
+def _one(scales: set[float | None]) -> float | None:
+    """The scale every vote of a dimension was given on, or None (unknown, or mixed)."""
+    return next(iter(scales)) if len(scales) == 1 else None
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _is_number(value: Any) -> bool:

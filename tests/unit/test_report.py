@@ -18,8 +18,15 @@ from mlflow_feedback_middleware.intake.schema import FeedbackSchema
 DAY = 86_400_000
 
 
-def vote(name: str, value: object, rationale: str | None = None, time_ms: int = 0, user: str = "u") -> Vote:
-    return Vote("tr-1", name, value, user, rationale, time_ms)
+def vote(
+    name: str,
+    value: object,
+    rationale: str | None = None,
+    time_ms: int = 0,
+    user: str = "u",
+    scale: float | None = None,
+) -> Vote:
+    return Vote("tr-1", name, value, user, rationale, time_ms, scale)
 
 
 def request(*votes: Vote, time_ms: int = 0, route: str | None = "POST /chat", user: str | None = None) -> TracedRequest:
@@ -39,6 +46,7 @@ def test_rates_follow_the_guides_definitions() -> None:
     assert report["total_traces"] == 4 and report["traces_with_feedback"] == 3
     assert report["feedback_rate"] == 75.0
     assert report["positive_rate"] == pytest.approx(100 / 3)
+    assert report["thumbs_positive_rate"] == 50.0  # of the thumbs votes, half are up
     assert (report["positive_count"], report["negative_count"]) == (1, 1)
     assert report["latest_negative_comments"][0]["comment"] == "wrong"
 
@@ -98,3 +106,12 @@ def test_times_relative_and_absolute() -> None:
     assert parse_time("2026-11-30T12:00:00Z", now) == 1_796_040_000_000
     with pytest.raises(ValueError):
         parse_time("yesterday", now)
+
+
+def test_ratings_are_shown_on_the_scale_users_gave_them() -> None:
+    rows = [request(vote("user_accuracy", 0.8, scale=5), vote("user_accuracy", 1.0, scale=5))]
+    stats = summarize(rows)["ratings"]["accuracy"]
+    assert stats["scale_max"] == 5 and stats["mean_on_scale"] == pytest.approx(4.5)
+    assert stats["distribution_on_scale"] == {"4": 1, "5": 1} and stats["distribution"] == {"0.8": 1, "1": 1}
+    mixed = summarize([request(vote("user_accuracy", 0.8, scale=5), vote("user_accuracy", 0.5, scale=10))])
+    assert "scale_max" not in mixed["ratings"]["accuracy"]  # no one scale: shown as stored (0-1)
