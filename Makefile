@@ -6,7 +6,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # The JavaScript LLM clients (openai, Vercel AI SDK) the tests drive, where npm is installed.
 NODE_CLIENTS := $(if $(shell command -v npm 2>/dev/null),tests/node/node_modules/.ready)
 
-.PHONY: demo test test-fast test-oldest ui bench bench-report bench-deployment bench-ingest fastapi-suite clean
+.PHONY: demo dist test test-fast test-oldest ui bench bench-report bench-deployment bench-ingest fastapi-suite clean
 
 .venv/.ready: pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -43,12 +43,19 @@ test: .venv/.ready .venv-mlflow/.ready $(NODE_CLIENTS)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	$(MAKE) dist
 	MLFLOW_SERVER_BIN=$(CURDIR)/.venv-mlflow/bin/mlflow .venv/bin/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-oldest
 
 ## test-oldest: the compatibility tier with the oldest supported mlflow-tracing as the app's client
 test-oldest: .venv-oldest/.ready .venv-mlflow/.ready
 	MLFLOW_SERVER_BIN=$(CURDIR)/.venv-mlflow/bin/mlflow .venv-oldest/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
+
+## dist: the wheel and sdist in dist/, checked with twine as a package index would check them
+dist: .venv/.ready
+	rm -rf dist
+	.venv/bin/python -m build --outdir dist .
+	.venv/bin/twine check --strict dist/*
 
 ## test-fast: the unit tier (tests/unit): no tracking server, no network, no subprocess; seconds
 test-fast: .venv/.ready
