@@ -1,6 +1,6 @@
 """The middleware's options, defined once: `Settings` lists each with its type, default, environment variable,
-concern and description. The middleware's arguments, the environment reading and the README's table come
-from it (`mlflow-feedback options` prints the table; a test compares it with the README).
+concern and description. The middleware's arguments, the environment reading and the documented table come
+from it (`mlflow-feedback options` prints the table; a test compares it with docs/configuration.md).
 Settings are validated once, at construction, so bad ones fail at start-up.
 """
 
@@ -76,7 +76,7 @@ class Unset:
 
 UNSET: Final = Unset()
 
-# The concerns options are grouped by, in the README's order.
+# The concerns options are grouped by, in the documentation's order.
 GROUPS = (
     "Where traces go",
     "What is traced",
@@ -98,8 +98,8 @@ def _option(
     variables: Sequence[str] = (),
     convert: Callable[[Any], Any] | None = None,
 ) -> Any:
-    """One option: its default, the concern it belongs to, its README description, how its environment variable
-    is read (None: it has none), the default as the README shows it, the variables read (by default
+    """One option: its default, the concern it belongs to, its documented description, how its environment variable
+    is read (None: it has none), the default as the documentation shows it, the variables read (by default
     ``MLFLOW_FEEDBACK_<NAME>``), and how a value given in code or the environment becomes the setting."""
     assert group in GROUPS
     metadata = {"group": group, "doc": doc, "parse": parse, "shown": shown, "variables": variables, "convert": convert}
@@ -149,9 +149,9 @@ class Settings:
         parse=str,
         doc="`\"mlflow\"`: MLflow's own exporter, storing everything MLflow's client stores, with its per-trace call"
         " made cheaper and a trace's info sent before its spans (half the tracking server's work, see"
-        ' [Capacity planning](#capacity-planning)). `"otlp"`: MLflow\'s batched OTLP exporter to the tracking'
-        " server's `/v1/traces`, three times cheaper again in the app and five times on the server, without the"
-        " `client_request_id` column and handler-set metadata.",
+        ' [Capacity planning](../benchmarks/README.md#capacity-planning)). `"otlp"`: MLflow\'s batched OTLP'
+        " exporter to the tracking server's `/v1/traces`, three times cheaper again in the app and five times on"
+        " the server, without the `client_request_id` column and handler-set metadata.",
     )
     mlflow_threads: int = _option(
         8,
@@ -230,7 +230,7 @@ class Settings:
         group="IDs on the wire",
         parse=str,
         doc="Request header naming the end user (trace metadata, feedback source) when no authenticated user is"
-        " known; see [Security](#security).",
+        " known; see [Security](security.md#security).",
     )
     session_id_header: str = _option(
         "X-Session-ID",
@@ -245,7 +245,7 @@ class Settings:
         shown="`None` (auto)",
         doc="In-band trace event for `text/event-stream` responses: `None` adds the `mlflow_trace` event only to"
         " streams in no recognised LLM wire format; `True` always; `False` never (not even when a client asks). See"
-        " [Streams](#streams-sse).",
+        " [Streams](streaming.md#streams-sse).",
     )
     sse_event_name: str = _option("mlflow_trace", group="IDs on the wire", parse=str, doc="The name of that event.")
     trust_traceparent: bool = _option(
@@ -253,7 +253,7 @@ class Settings:
         group="IDs on the wire",
         parse=env.boolean,
         doc="Continue callers' W3C `traceparent` traces instead of linking them; only behind callers you trust,"
-        " in the same experiment. See [Distributed traces](#distributed-traces-traceparent).",
+        " in the same experiment. See [Distributed traces](distributed-tracing.md#distributed-traces-traceparent).",
     )
     # Feedback routes
     feedback_path: str | None = _option(
@@ -272,7 +272,7 @@ class Settings:
         shown="none",
         convert=_schema,
         doc="A `FeedbackSchema`, or the path of a TOML/JSON file: what feedback the route takes; see"
-        " [Feedback schemas](#feedback-schemas).",
+        " [Feedback schemas](feedback-api.md#feedback-schemas).",
     )
     rating_scale: tuple[float, float] = _option(
         (1, 5),
@@ -318,7 +318,7 @@ class Settings:
         convert=_secrets,
         doc="Secret (≥ 16 bytes) for signed feedback tokens, or a list: the first signs, all verify (key"
         " rotation). Without one the feedback route is unauthenticated (a start-up warning says so). See"
-        " [Security](#security).",
+        " [Security](security.md#security).",
     )
     feedback_token_ttl_seconds: float = _option(
         24 * 3600, group="Who may give feedback", parse=float, doc="How long a feedback token stays valid."
@@ -461,7 +461,7 @@ def _shown_default(option: Any) -> str:
 
 
 def options_table() -> str:
-    """The README's configuration tables, one per concern, generated from `Settings`."""
+    """The configuration tables of docs/configuration.md, one per concern, generated from `Settings`."""
     out: list[str] = []
     for group in GROUPS:
         out += [f"**{group}**", "", "| Argument | Default | Variable | What it does |", "|---|---|---|---|"]

@@ -49,7 +49,7 @@ class MlflowFeedbackMiddleware:
     """Traces every HTTP request in MLflow, hands its trace ID to the client, and takes feedback on it.
 
     All arguments are optional. One left `UNSET` takes its ``MLFLOW_FEEDBACK_<NAME>`` variable when that is set,
-    else its default; `config.Settings` defines each (the README's configuration table, `mlflow-feedback options`).
+    else its default; `config.Settings` defines each (docs/configuration.md, `mlflow-feedback options`).
     """
 
     def __init__(

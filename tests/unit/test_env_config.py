@@ -1,5 +1,5 @@
 """The options, defined once in `config.Settings`: the middleware's arguments, the MLFLOW_FEEDBACK_* variables and
-the README's table all come from it. No server."""
+the configuration page's tables (docs/configuration.md) all come from it. No server."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from mlflow_feedback_middleware.env_config import variable
 from mlflow_feedback_middleware.insight.cli import main as cli
 from mlflow_feedback_middleware.intake.limits import RateLimit
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+CONFIGURATION_PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def test_arguments_left_unset_take_the_environment() -> None:
@@ -69,10 +69,10 @@ def test_every_option_has_a_variable_a_group_and_a_description() -> None:
     assert variable("outbox_path") == "MLFLOW_FEEDBACK_OUTBOX_PATH"
 
 
-def test_the_readme_table_is_the_generated_one() -> None:
-    """Fails when the README's configuration tables and `Settings` disagree; `mlflow-feedback options` prints
-    the tables to paste between the README's options markers."""
-    text = README.read_text()
+def test_the_documented_table_is_the_generated_one() -> None:
+    """Fails when the configuration page's tables and `Settings` disagree; `mlflow-feedback options` prints
+    the tables to paste between its options markers."""
+    text = CONFIGURATION_PAGE.read_text()
     start = text.index("<!-- options:start")
     start = text.index("\n", start) + 1
     end = text.index("<!-- options:end -->")
