@@ -6,7 +6,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # The JavaScript LLM clients (openai, Vercel AI SDK) the tests drive, where npm is installed.
 NODE_CLIENTS := $(if $(shell command -v npm 2>/dev/null),tests/node/node_modules/.ready)
 
-.PHONY: demo dist test test-fast test-oldest ui bench bench-report bench-deployment bench-ingest fastapi-suite clean
+.PHONY: demo dist screenshots test test-fast test-oldest ui bench bench-report bench-deployment bench-ingest fastapi-suite clean
 
 .venv/.ready: pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -50,6 +50,10 @@ test: .venv/.ready .venv-mlflow/.ready $(NODE_CLIENTS)
 ## test-oldest: the compatibility tier with the oldest supported mlflow-tracing as the app's client
 test-oldest: .venv-oldest/.ready .venv-mlflow/.ready
 	MLFLOW_SERVER_BIN=$(CURDIR)/.venv-mlflow/bin/mlflow .venv-oldest/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
+
+## screenshots: docs/images/ anew, from the demo driven in headless Chromium (docs/make_screenshots.py)
+screenshots: .venv/.ready .venv-mlflow/.ready
+	.venv/bin/python docs/make_screenshots.py
 
 ## dist: the wheel and sdist in dist/, checked with twine as a package index would check them
 dist: .venv/.ready

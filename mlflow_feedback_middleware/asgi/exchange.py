@@ -342,7 +342,8 @@ class TracedExchange:
             body = self._response_body.value()
             if answer is None and is_chat_answer(body):
                 answer = body
-            outputs["body"] = settings.redact(body if answer is None else answer)
+            plain = self._reader.plain_events() if answer is None and self._reader is not None else None
+            outputs["body"] = settings.redact(answer if answer is not None else plain if plain is not None else body)
         if self.status is not None:
             span.set_attribute("http.status_code", self.status)
 

@@ -113,7 +113,18 @@ class SseEventReader:
     Fed the same chunks the client gets; it copies nothing but the current line and the answer's text.
     """
 
-    __slots__ = ("_assemble", "_assembler", "_data", "_events", "_last_cr", "_line", "_name", "_skip_line", "format")
+    __slots__ = (
+        "_assemble",
+        "_assembler",
+        "_data",
+        "_events",
+        "_last_cr",
+        "_line",
+        "_name",
+        "_plain",
+        "_skip_line",
+        "format",
+    )
 
     def __init__(self, declared: str | None, assemble: bool) -> None:
         self.format = declared
@@ -125,6 +136,8 @@ class SseEventReader:
         self._last_cr = False
         self._name: str | None = None
         self._data: list[str] = []
+        # Events of a stream in no known format, kept readable for the trace (instead of raw frames).
+        self._plain: _PlainEvents | None = _PlainEvents() if assemble and declared is None else None
         if declared is not None and assemble:
             self._assembler = assembler_for(declared)
 
@@ -178,6 +191,9 @@ class SseEventReader:
             self.format = format_of_event(name, data)
             if self.format is not None and self._assemble:
                 self._assembler = assembler_for(self.format)
+                self._plain = None
+        if self._plain is not None:
+            self._plain.add(name, data)
         if self._assembler is not None:
             try:
                 self._assembler.add(name, data)
@@ -193,6 +209,53 @@ class SseEventReader:
     def answer(self) -> Any:
         """The assembled answer in the format's own response shape, or None."""
         return self._assembler.result() if self._assembler is not None else None
+
+    def plain_events(self) -> dict[str, Any] | None:
+        """A stream in no known format, decoded for the trace: its text where its events carry one, else its
+        events' payloads (bounded); None for a recognised format or an empty stream."""
+        return self._plain.result() if self._plain is not None and self.format is None else None
+
+
+class _PlainEvents:
+    """The events of an unrecognised stream: their text (``content``, ``text``, ``delta`` or ``token`` fields of
+    JSON objects) joined, else their decoded payloads, up to `_PLAIN_MAX_EVENTS` and `_PLAIN_MAX_CHARS`."""
+
+    __slots__ = ("chars", "count", "payloads", "text", "texts_only")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.chars = 0
+        self.text: list[str] = []
+        self.payloads: list[Any] = []
+        self.texts_only = True
+
+    def add(self, name: str | None, data: str) -> None:
+        self.count += 1
+        payload: Any = _json_object(data)
+        piece = None
+        if payload is not None:
+            piece = next((payload[k] for k in _TEXT_FIELDS if isinstance(payload.get(k), str)), None)
+        else:
+            payload = data
+        if piece is None:
+            self.texts_only = False
+        elif self.chars < _PLAIN_MAX_CHARS:
+            self.text.append(piece)
+            self.chars += len(piece)
+        if len(self.payloads) < _PLAIN_MAX_EVENTS:
+            self.payloads.append(payload if name is None else {"event": name, "data": payload})
+
+    def result(self) -> dict[str, Any] | None:
+        if not self.count:
+            return None
+        if self.texts_only:
+            return {"text": "".join(self.text)[:_PLAIN_MAX_CHARS], "events": self.count}
+        return {"events": self.payloads, "event_count": self.count}
+
+
+_TEXT_FIELDS = ("content", "text", "delta", "token")
+_PLAIN_MAX_EVENTS = 200
+_PLAIN_MAX_CHARS = 64 * 1024
 
 
 class Assembler:

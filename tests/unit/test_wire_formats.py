@@ -177,3 +177,24 @@ def test_chat_requests_and_answers_are_told_apart_from_other_json() -> None:
     assert is_chat_answer({"object": "chat.completion", "choices": []})
     assert is_chat_answer({"type": "message", "role": "assistant", "content": []})
     assert not is_chat_answer({"response": "hi"})
+
+
+def test_a_stream_in_no_known_format_reads_as_its_text_or_its_events() -> None:
+    tokens = SseEventReader(None, assemble=True)
+    for word in ("Hel", "lo \ud83d\udc4d"):
+        tokens.feed(f"data: {json.dumps({'type': 'token', 'content': word})}\n\n".encode())
+    tokens.finish()
+    assert tokens.format is None and tokens.plain_events() == {"text": "Hello \U0001f44d", "events": 2}
+
+    mixed = SseEventReader(None, assemble=True)
+    mixed.feed(b'event: progress\ndata: {"step": 1}\n\ndata: plain text\n\n')
+    mixed.finish()
+    assert mixed.plain_events() == {
+        "events": [{"event": "progress", "data": {"step": 1}}, "plain text"],
+        "event_count": 2,
+    }
+
+    openai = SseEventReader(None, assemble=True)
+    openai.feed(b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n')
+    openai.finish()
+    assert openai.plain_events() is None and openai.answer() is not None  # a known format: its own answer
