@@ -11,6 +11,7 @@ from .intake.limits import FeedbackLimits, RateLimit
 from .intake.models import FeedbackRequest
 from .intake.openapi import document_feedback_routes
 from .intake.schema import Binary, Categorical, Choice, FeedbackSchema, Scale, Text
+from .intake.scrubbing import scrub_personal_data
 from .intake.tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .middleware import MlflowFeedbackMiddleware
 
@@ -41,5 +42,6 @@ __all__ = [
     "get_client_request_id",
     "get_feedback_token",
     "get_trace_id",
+    "scrub_personal_data",
     "traced_turn",
 ]

@@ -18,6 +18,7 @@ from . import env_config as env
 from .intake.identity import AuthenticatedUserOrHeader, IdentityResolver, resolve_user
 from .intake.limits import FeedbackLimits, RateLimit
 from .intake.schema import FeedbackSchema
+from .intake.scrubbing import Scrubber, scrub_personal_data
 from .intake.tokens import as_secret_list
 from .redaction import normalise_field, redact
 
@@ -299,6 +300,16 @@ class Settings:
         " counts for nothing), else the user `AuthenticationMiddleware` authenticated, else the IP address, read"
         ' from `X-Forwarded-For` only when the peer is one of `RateLimit(trusted_proxies=["10.0.0.0/8", …])`;'
         " `key=callable(HTTPConnection) -> str` replaces all that. `None` turns it off.",
+    )
+    comment_scrubber: Scrubber | None = _option(
+        scrub_personal_data,
+        group="Feedback routes",
+        parse=env.optional(env.imported),
+        shown="`scrub_personal_data`",
+        doc="`callable(str) -> str` applied to comments, rationales and free-text values before they are stored (a"
+        " `module:function` in the variable): by default email addresses, phone numbers, card numbers and API-key"
+        " shapes become `[email]`, `[phone]`, `[card]`, `[secret]`, and the kinds found are noted in the"
+        " assessment's metadata. `None` stores text as sent.",
     )
     summary_token: str | None = _option(
         None,

@@ -39,6 +39,7 @@ from .delivery.registry import RecentTraces
 from .intake.identity import IdentityResolver
 from .intake.limits import FeedbackLimits, RateLimit
 from .intake.schema import FeedbackSchema
+from .intake.scrubbing import Scrubber
 from .intake.tokens import FeedbackTokens
 from .logs import show_logs
 
@@ -80,6 +81,7 @@ class MlflowFeedbackMiddleware:
         rating_scale: tuple[float, float] | Unset = UNSET,
         feedback_limits: FeedbackLimits | Unset | None = UNSET,
         rate_limit: RateLimit | Unset | None = UNSET,
+        comment_scrubber: Scrubber | Unset | None = UNSET,
         summary_token: str | Unset | None = UNSET,
         feedback_secret: str | bytes | Sequence[str | bytes] | Unset | None = UNSET,
         feedback_token_ttl_seconds: float | Unset = UNSET,

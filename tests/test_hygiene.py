@@ -15,25 +15,7 @@ import httpx
 
 from .support import ROOT, AppProcess, MlflowServer, run_script, wait_until
 
-_NO_LIFESPAN = r"""
-import asyncio, gc, sys, uuid
-import httpx
-from tests.apps import build_app
-from mlflow_feedback_middleware._mlflow.export import flush_exports
-
-async def main():
-    for _ in range(3):  # a test suite builds many apps
-        app = build_app(experiment_name="hygiene-" + uuid.uuid4().hex[:8])
-        transport = httpx.ASGITransport(app=app)  # no lifespan, as in most test suites
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            for _ in range(5):
-                assert "x-mlflow-trace-id" in (await client.post("/chat", json={"message": "x"})).headers
-    flush_exports(30)  # the fast client's kept-alive connections have been used by now
-
-asyncio.run(main())
-gc.collect()
-print("{}")
-"""
+_NO_LIFESPAN = "hygiene_without_lifespan"  # tests/scripts/hygiene_without_lifespan.py
 
 
 def test_apps_torn_down_without_lifespan_leave_no_socket_to_warn_about(
@@ -41,7 +23,7 @@ def test_apps_torn_down_without_lifespan_leave_no_socket_to_warn_about(
 ) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "MLFLOW_TRACKING_URI": mlflow_server.url}
     result = subprocess.run(
-        [sys.executable, "-X", "tracemalloc=5", "-W", "error::ResourceWarning", "-c", _NO_LIFESPAN],
+        [sys.executable, "-X", "tracemalloc=5", "-W", "error::ResourceWarning", "-m", f"tests.scripts.{_NO_LIFESPAN}"],
         cwd=ROOT,
         env=env | {"MLFLOW_FEEDBACK_OUTBOX": str(tmp_path / "outbox.db")},
         capture_output=True,
@@ -53,32 +35,7 @@ def test_apps_torn_down_without_lifespan_leave_no_socket_to_warn_about(
     assert "unclosed" not in result.stderr
 
 
-_LIFESPAN = r"""
-import json, sys, threading, time, uuid
-import httpx
-from tests.apps import build_app
-from tests.support import UvicornThread, wait_until
-from mlflow.tracing.provider import _get_trace_exporter, provider
-
-app = build_app(experiment_name="hygiene-" + uuid.uuid4().hex[:8])
-report = {}
-with UvicornThread(app) as server:
-    # After lifespan start-up, before any request: MLflow's tracer and exporter are built and tuned.
-    report["tracer_ready_before_first_request"] = provider.once._done
-    exporter = _get_trace_exporter()
-    report["fast_client_before_first_request"] = type(getattr(exporter, "_client", None)).__name__
-    with httpx.Client(base_url=server.url) as client:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            assert "x-mlflow-trace-id" in client.post("/chat", json={"message": "x"}).headers
-            times.append(time.perf_counter() - start)
-    report["first_over_second"] = times[0] / times[1]
-fast = getattr(_get_trace_exporter(), "_client", None)
-wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("mlflow-feedback")], 30, "threads end")
-report["open_connections"] = sum(c.sock is not None for c in getattr(fast, "_connections", []))
-print(json.dumps(report))
-"""
+_LIFESPAN = "hygiene_with_lifespan"  # tests/scripts/hygiene_with_lifespan.py
 
 
 def test_lifespan_starts_mlflow_off_the_loop_and_shutdown_releases_threads_and_sockets(

@@ -313,43 +313,14 @@ def test_installed_command_writes_html_that_renders_in_chromium(seeded: Seeded, 
 
 # -- evaluation datasets ---------------------------------------------------------------------------
 
-EVALUATE = """
-import json, sys
-import mlflow
-from mlflow.genai.scorers import scorer
+EVALUATE = "evaluate_exported_records"  # tests/scripts/evaluate_exported_records.py
 
-uri, experiment_id, path = sys.argv[1:4]
-mlflow.set_tracking_uri(uri)
-mlflow.set_experiment(experiment_id=experiment_id)
-records = [json.loads(line) for line in open(path)]
-data = [{k: r[k] for k in ("inputs", "outputs", "expectations") if r.get(k) is not None} for r in records]
-
-@scorer
-def repeats_the_question(inputs, outputs) -> bool:
-    return inputs["message"] in outputs["response"]
-
-@scorer
-def as_corrected(outputs, expectations) -> bool:
-    return outputs["response"] == expectations["expected_response"]
-
-result = mlflow.genai.evaluate(data=data, scorers=[repeats_the_question, as_corrected])
-print(json.dumps({"metrics": result.metrics, "rows": len(result.tables["eval_results"])}))
-"""
-
-STORE_DATASET = """
-import json, sys
-from mlflow.genai.datasets import get_dataset
-from mlflow_feedback_middleware.insight.cli import main
-
-main(["export", *sys.argv[1:]])
-df = get_dataset(name=sys.argv[-1]).to_df()
-print(json.dumps({"records": len(df), "with_expectations": int(df["expectations"].notna().sum())}))
-"""
+STORE_DATASET = "store_dataset"  # tests/scripts/store_dataset.py
 
 
 @pytest.mark.anyio
 async def test_export_negative_feedback_as_records_that_mlflow_evaluates(
-    experiment_name: str, mlflow_server: MlflowServer, tmp_path: Path
+    experiment_name: str, mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with client_for(build_app(experiment_name=experiment_name, rate_limit=None)) as client:
         answers = []
@@ -390,21 +361,30 @@ async def test_export_negative_feedback_as_records_that_mlflow_evaluates(
     assert main([*args[:-1], str(tmp_path / "low.jsonl"), "--only", "rating-below:0.5"]) == 0
     assert [json.loads(line)["trace_id"] for line in (tmp_path / "low.jsonl").read_text().splitlines()] == [answers[3]]
 
-    with pytest.raises(SystemExit, match="need the full `mlflow` package"):
-        main([*args, "--dataset", "thumbs-down"])  # this environment has mlflow-tracing only
+    capsys.readouterr()
+    assert main([*args, "--dataset", "thumbs-down"]) == 2  # this environment has mlflow-tracing only
+    assert "need the full `mlflow` package" in capsys.readouterr().err
 
     mlflow_python = full_mlflow_python()
     stored = subprocess.run(
-        [str(mlflow_python), "-c", STORE_DATASET, *args[1:], "--dataset", f"thumbs-down-{experiment_id}"],
+        [
+            str(mlflow_python),
+            "-m",
+            f"tests.scripts.{STORE_DATASET}",
+            *args[1:],
+            "--dataset",
+            f"thumbs-down-{experiment_id}",
+        ],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=ROOT,
     )
     assert stored.returncode == 0, stored.stderr[-3000:]
     assert json.loads(stored.stdout.strip().splitlines()[-1]) == {"records": 2, "with_expectations": 2}
     evaluated = subprocess.run(
-        [str(mlflow_python), "-c", EVALUATE, mlflow_server.url, experiment_id, str(out)],
+        [str(mlflow_python), "-m", f"tests.scripts.{EVALUATE}", mlflow_server.url, experiment_id, str(out)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,

@@ -17,7 +17,15 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 
-from mlflow_feedback_middleware import FeedbackLimits, FeedbackTokens, MlflowFeedbackMiddleware, RateLimit
+from mlflow_feedback_middleware import (
+    Categorical,
+    FeedbackLimits,
+    FeedbackSchema,
+    FeedbackTokens,
+    MlflowFeedbackMiddleware,
+    RateLimit,
+    Text,
+)
 from mlflow_feedback_middleware.intake.tokens import as_secret_list
 
 from .apps import build_app
@@ -420,3 +428,36 @@ async def test_credentials_and_redacted_fields_never_reach_the_trace(experiment_
     assert span.inputs["query"] == {"password": "[REDACTED]", "q": "ok"}
     assert span.outputs["body"]["received"]["password"] == "[REDACTED]"
     assert span.inputs["body"]["message"] == "hi"
+
+
+# -- comment hygiene -------------------------------------------------------------------------------
+
+
+async def test_personal_data_in_comments_never_reaches_mlflow(experiment_name: str) -> None:
+    """What a user pastes into a comment (an email, a card number, an API key) is replaced before it is stored,
+    in the rationale and in free-text values; declared choices are kept; `comment_scrubber=None` turns it off."""
+    schema = FeedbackSchema(Text("correction"), Categorical("reason", {"wrong": None, "other": None}))
+    app = build_app(experiment_name=experiment_name, feedback_schema=schema, rate_limit=None)
+    raw = build_app(experiment_name=experiment_name, comment_scrubber=None)
+    async with client_for(app) as client, client_for(raw) as raw_client:
+        trace_id = (await answer(client)).headers[TRACE_HEADER]
+        comment = "wrong total, mail ann@example.com, card 4111 1111 1111 1111"
+        for body in (
+            {"name": "reason", "value": "wrong", "comment": comment},
+            {"name": "correction", "value": "it is 42; my key is sk-abcdefghijklmnopqrstuv"},
+        ):
+            vote = await client.post(f"/feedback?trace_id={trace_id}", json=body, headers={"X-User-ID": "ann"})
+            assert vote.status_code in (200, 202), vote.text
+        kept_id = (await answer(raw_client)).headers[TRACE_HEADER]
+        kept = await raw_client.post(f"/feedback?trace_id={kept_id}", json={"is_correct": False, "comment": comment})
+        assert kept.status_code in (200, 202), kept.text
+        await asyncio.to_thread(outbox_drained, app)
+        await asyncio.to_thread(outbox_drained, raw)
+    stored = {a.name: a for a in human_feedback(trace_id)}
+    assert stored["reason"].value == "wrong"
+    assert stored["reason"].rationale == "wrong total, mail [email], card [card]"
+    assert stored["reason"].metadata["mlflow_feedback.scrubbed"] == "card,email"
+    assert stored["correction"].value == "it is 42; my key is [secret]"
+    assert "ann@example.com" not in str(get_trace(trace_id).info.assessments)
+    [unscrubbed] = human_feedback(kept_id)
+    assert unscrubbed.rationale == comment

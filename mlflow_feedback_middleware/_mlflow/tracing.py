@@ -153,6 +153,7 @@ class MlflowBackend:
         self._hooked_exporter: Any = None  # MLflow builds its exporter with the first span, and anew on a reset
         self._startup_deadline: float | None = None
         self.startup_waits = 0  # calls that waited for the experiment (the first ones, within the start-up wait)
+        self._slow = False  # the last attempt failed because the server answered too slowly
         self.announcement = ""  # what the start-up line adds (the middleware's feedback routes)
 
     def _new_executor(self) -> DaemonExecutor:
@@ -202,6 +203,7 @@ class MlflowBackend:
                 )
                 return None
             delay = backoff_seconds(self._failures + 1)
+            self._slow = isinstance(exc, TimeoutError) or "timed out" in str(exc)
             if self._failures == 0:
                 logger.warning(
                     "MLflow tracking server %s is unreachable (%s); requests pass through untraced, "
@@ -268,12 +270,23 @@ class MlflowBackend:
         now = time.monotonic()
         if self._startup_deadline is None:
             self._startup_deadline = now + startup_timeout
-        attempt = self.start_resolving()
-        remaining = self._startup_deadline - now
-        if attempt is not None and remaining > 0:
-            self.startup_waits += 1
+        waited = False
+        while self.experiment_id is None and (remaining := self._startup_deadline - time.monotonic()) > 0:
+            attempt = self.start_resolving()
+            if attempt is None:
+                if not self._slow:
+                    break  # refused or not usable: the request passes untraced now, retries go on behind it
+                # A server that answered too slowly (starting, or a loaded machine) gets the rest of the start-up
+                # wait: its next attempt is due after the back-off.
+                await asyncio.sleep(min(max(self._next_attempt_at - time.monotonic(), 0.05), remaining))
+                continue
+            if not waited:
+                self.startup_waits += 1
+                waited = True
             with suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(attempt)), remaining)
+            if not self._slow:
+                break
         return self.experiment_id
 
     def start_root(self, name: str, traceparent: str | None = None) -> AbstractContextManager[LiveSpan]:

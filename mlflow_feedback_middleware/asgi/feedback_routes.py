@@ -31,7 +31,7 @@ from ..ids import clean_principal_id
 from ..insight.report import GROUPINGS, build_report, parse_time, search_requests
 from ..intake.identity import ANONYMOUS
 from ..intake.limits import RateLimiter
-from ..intake.models import Assessment, FeedbackRequest, limit_violations, to_assessments
+from ..intake.models import Assessment, FeedbackRequest, limit_violations, scrub_assessments, to_assessments
 from ..intake.schema import SchemaError, default_schema
 from ..intake.tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .routing import route_path
@@ -290,10 +290,17 @@ class FeedbackRoutes:
     def _assessments(self, feedback: FeedbackRequest) -> list[Assessment]:
         try:
             if self._schema is not None:
-                return self._schema.to_assessments(feedback)
-            return to_assessments(feedback, self._settings.rating_scale[1])
+                assessments = self._schema.to_assessments(feedback)
+            else:
+                assessments = to_assessments(feedback, self._settings.rating_scale[1])
         except SchemaError as exc:
             raise _invalid([(exc.field, exc.message)]) from None
+        scrubber = self._settings.comment_scrubber
+        if scrubber is None:
+            return assessments
+        schema = self._schema
+        # Declared choices are the schema's own words; any other string value is what a user typed.
+        return scrub_assessments(assessments, scrubber, lambda name: schema is None or schema.is_free_text(name))
 
     def _trace_of(self, feedback: FeedbackRequest, grant: FeedbackGrant | None) -> str | None:
         """The trace the feedback is for, where this process knows it: the token's, the request's, or the one its

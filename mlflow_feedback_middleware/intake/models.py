@@ -11,6 +11,8 @@ Three shapes, combinable in one request:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -29,6 +31,7 @@ from pydantic import (
 
 from ..ids import is_valid_client_request_id, is_valid_trace_id
 from .limits import FeedbackLimits, json_size
+from .scrubbing import SCRUBBED_KEY, found_kinds, scrub_personal_data
 
 MAX_TEXT = 10_000
 MAX_ITEMS = 50
@@ -170,3 +173,28 @@ def to_assessments(request: FeedbackRequest, rating_max: float) -> list[Assessme
         scale = {"raw_rating": f"{rating:g}", "rating_scale_max": f"{rating_max:g}"}
         values.append((RATING_PREFIX + dimension, rating / rating_max, scale))
     return build_assessments(request, values)
+
+
+def scrub_assessments(
+    assessments: list[Assessment], scrubber: Callable[[str], str], is_free_text: Callable[[str], bool]
+) -> list[Assessment]:
+    """`assessments` with their rationale, and the string values of free-text fields (`is_free_text(name)`),
+    passed through `scrubber`; the kinds the default scrubber found (or "custom") noted in the metadata."""
+    out = []
+    for assessment in assessments:
+        kinds: set[str] = set()
+        changes: dict[str, Any] = {}
+        texts = [("rationale", assessment.rationale)]
+        if isinstance(assessment.value, str) and is_free_text(assessment.name):
+            texts.append(("value", assessment.value))
+        for field, text in texts:
+            if not text:
+                continue
+            cleaned = scrubber(text)
+            if cleaned != text:
+                changes[field] = cleaned
+                kinds.update(found_kinds(text) if scrubber is scrub_personal_data else ["custom"])
+        if kinds:
+            changes["metadata"] = {**(assessment.metadata or {}), SCRUBBED_KEY: ",".join(sorted(kinds))}
+        out.append(dataclasses.replace(assessment, **changes) if changes else assessment)
+    return out

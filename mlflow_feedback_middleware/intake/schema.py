@@ -179,6 +179,10 @@ class FeedbackSchema:
             out.append(spec)
         return {"feedback": out}
 
+    def is_free_text(self, name: str) -> bool:
+        """Whether the stored assessment `name` holds text a user typed (a `Text` field)."""
+        return isinstance(self.fields.get(name), Text)
+
     def polarity(self, name: str, value: Any) -> bool | None:
         """Whether a stored assessment is positive, negative (False) or neither (None)."""
         declared = self.fields.get(name)
