@@ -52,7 +52,7 @@ def test_the_readme_quick_start_works_from_the_wheel(mlflow_server: MlflowServer
             f"{url}/feedback?trace_id={trace_id}", json={"is_correct": True, "comment": "spot on"}, timeout=60
         )
         # 202 while MLflow is still exporting the trace, as the README says; 200 if it was quick.
-        assert (vote.status_code, vote.json()["status"]) in ((200, "ok"), (202, "accepted")), vote.text
+        assert (vote.status_code, vote.json()["status"]) in ((200, "success"), (202, "accepted")), vote.text
     finally:
         process.terminate()
         process.wait(timeout=30)
