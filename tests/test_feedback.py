@@ -135,6 +135,8 @@ async def test_general_shape_keeps_the_value_type(experiment_name: str, value: A
     assert stored.value == expected
     assert stored.rationale == "why"
     feedback_id = response.json()["feedback_id"]
+    cast_at = stored.metadata.pop("mlflow_feedback.cast_at_ms")  # when the vote was cast, for its ordering
+    assert cast_at.isdigit()
     assert stored.metadata == {"page": "chat", "n": "1", "mlflow_feedback.feedback_id": f"{feedback_id}/0"}
     assert stored.source.source_id == "carol"
 

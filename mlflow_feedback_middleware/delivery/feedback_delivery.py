@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
 from .registry import RecentTraces
 from .writer import (
     AMBIGUOUS,
+    CAST_AT_KEY,
     CHOSEN_BY_CLIENT,
     NOT_FOUND,
     REFUSED,
@@ -103,6 +105,7 @@ class FeedbackDelivery:
         self.failed = 0
         self.revived = 0
         self._next_recheck = time.monotonic() + _RECHECK_SECONDS
+        self._trace_locks = [threading.Lock() for _ in range(64)]  # striped by trace ID
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -239,28 +242,47 @@ class FeedbackDelivery:
                 self._backend.start_resolving()
                 raise ConnectionError("the MLflow experiment is not resolved yet")
             # One vote per voter and name on a trace: a user, or for anonymous votes the one person the answer
-            # was given to (a trace is one request's answer), so a vote changes and is never stuffed.
-            facts = self._writer.trace_facts(item.trace_id, item.id, item.source_id)
-            if facts is not None and not item.issued_here and facts.experiment_id != self._backend.experiment_id:
-                # Another service's trace on the same server: refused exactly as a made-up ID is.
-                item.state, item.last_error = FAILED, "trace not found in this service's experiment"
-                return NOT_FOUND
-            item.maybe_written = True  # until a definite "not written" (not found, rejected)
-            for index in range(len(item.assessment_ids), len(item.assessments)):
-                assessment = item.assessments[index]
-                assessment_id = facts.written.get(index) if facts else None
-                earlier = facts.earlier_votes.get(assessment.name) if facts else None
-                if assessment_id is None and earlier is not None:  # one vote per user and name
-                    assessment_id = self._writer.update_feedback(item.trace_id, earlier, assessment, item.id, index)
-                elif assessment_id is None:
-                    assessment_id = self._writer.log_feedback(item.trace_id, assessment, item.source_id, item.id, index)
-                item.assessment_ids.append(assessment_id)
+            # was given to (a trace is one request's answer), so a vote changes and is never stuffed. Reading the
+            # trace and writing are one step per trace: two votes of one voter (a quick change of mind) attempted
+            # at once by the route and the delivery thread would otherwise both find no earlier vote.
+            with self._trace_locks[hash(item.trace_id) % len(self._trace_locks)]:
+                outcome = self._write(item)
+            if outcome is not None:
+                return outcome
         except Exception as exc:
             return self._failed(item, exc)
         self._server.answered()
         item.state, item.last_error = DELIVERED, None
         self.delivered += 1
         return DELIVERED
+
+    def _write(self, item: Item) -> str | None:
+        """Write the item's assessments not written yet; NOT_FOUND when the trace is another service's."""
+        assert item.trace_id is not None
+        facts = self._writer.trace_facts(item.trace_id, item.id, item.source_id)
+        if facts is not None and not item.issued_here and facts.experiment_id != self._backend.experiment_id:
+            # Another service's trace on the same server: refused exactly as a made-up ID is.
+            item.state, item.last_error = FAILED, "trace not found in this service's experiment"
+            return NOT_FOUND
+        item.maybe_written = True  # until a definite "not written" (not found, rejected)
+        cast_at = int(item.created_at * 1000)
+        for index in range(len(item.assessment_ids), len(item.assessments)):
+            assessment = item.assessments[index]
+            assessment = dataclasses.replace(
+                assessment, metadata={**(assessment.metadata or {}), CAST_AT_KEY: str(cast_at)}
+            )
+            assessment_id = facts.written.get(index) if facts else None
+            earlier = facts.earlier_votes.get(assessment.name) if facts else None
+            if assessment_id is None and earlier is not None:  # one vote per user and name
+                earlier_id, earlier_cast = earlier
+                if earlier_cast is not None and earlier_cast > cast_at:
+                    assessment_id = earlier_id  # the voter's newer vote is stored already: this one is superseded
+                else:
+                    assessment_id = self._writer.update_feedback(item.trace_id, earlier_id, assessment, item.id, index)
+            elif assessment_id is None:
+                assessment_id = self._writer.log_feedback(item.trace_id, assessment, item.source_id, item.id, index)
+            item.assessment_ids.append(assessment_id)
+        return None
 
     def settle(self, item: Item, outcome: str) -> None:
         """Save an attempted item, schedule it again if it is still pending, and tell its request."""

@@ -21,6 +21,7 @@ from .._mlflow.tracing import CLIENT_REQUEST_ID_TAG, REQUEST_ID_SOURCE_TAG
 from ..intake.models import Assessment
 
 FEEDBACK_ID_KEY = "mlflow_feedback.feedback_id"
+CAST_AT_KEY = "mlflow_feedback.cast_at_ms"  # when the voter cast it: a later-delivered older vote never wins
 NOT_FOUND, REJECTED, UNAVAILABLE, REFUSED = "not_found", "rejected", "unavailable", "refused"
 
 
@@ -99,7 +100,8 @@ class TraceFacts:
 
     experiment_id: str | None
     written: dict[int, str | None] = field(default_factory=dict)  # index in the item -> assessment ID
-    earlier_votes: dict[str, str] = field(default_factory=dict)  # name -> the user's valid assessment ID
+    # name -> the user's valid assessment ID, and when that vote was cast (ms; None when not recorded)
+    earlier_votes: dict[str, tuple[str, int | None]] = field(default_factory=dict)
 
 
 def trace_facts(trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
@@ -118,7 +120,8 @@ def trace_facts(trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
             and assessment.source.source_type == "HUMAN"
             and assessment.source.source_id == source_id
         ):
-            facts.earlier_votes[assessment.name] = assessment.assessment_id
+            cast = (assessment.metadata or {}).get(CAST_AT_KEY, "")
+            facts.earlier_votes[assessment.name] = (assessment.assessment_id, int(cast) if cast.isdigit() else None)
     return facts
 
 

@@ -100,7 +100,7 @@ def test_an_item_is_written_and_delivered(server_up: list[str | None]) -> None:
 
 
 def test_a_voters_second_vote_updates_the_first(server_up: list[str | None]) -> None:
-    writer = FakeWriter({TRACE: TraceFacts("1", earlier_votes={"name0": "a-old"})})
+    writer = FakeWriter({TRACE: TraceFacts("1", earlier_votes={"name0": ("a-old", None)})})
     assert delivery(writer).attempt(item(False)) == DELIVERED
     assert writer.writes == [("update", TRACE, False)]
 
@@ -186,3 +186,41 @@ def test_an_outage_keeps_the_order(server_up: list[str | None]) -> None:
         delivery_module.FeedbackDelivery.attempt = original  # type: ignore[method-assign]
     assert writer.writes == []
     assert runner.outbox.stats("test")["pending"] == 2
+
+
+def test_an_older_vote_delivered_after_a_newer_one_does_not_win(server_up: list[str | None]) -> None:
+    """A voter clicks Good, then Bad; Good waited for its trace and is delivered last: Bad stays."""
+    newer = item(False)
+    older = item(True)
+    older.created_at = newer.created_at - 5
+    stored = TraceFacts("1", earlier_votes={"name0": ("a-newer", int(newer.created_at * 1000))})
+    writer = FakeWriter({TRACE: stored})
+    assert delivery(writer).attempt(older) == DELIVERED
+    assert writer.writes == [] and older.assessment_ids == ["a-newer"]
+    newest = item(True)
+    newest.created_at = newer.created_at + 5
+    assert delivery(writer).attempt(newest) == DELIVERED and writer.writes == [("update", TRACE, True)]
+
+
+def test_two_votes_on_one_trace_are_written_one_after_the_other(server_up: list[str | None]) -> None:
+    """The route's immediate attempt and the delivery thread's may run at once: reading the trace and writing are
+    one step per trace, so the second sees the first and updates it instead of adding a second vote."""
+    import threading
+
+    class SlowWriter(FakeWriter):
+        def trace_facts(self, trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
+            facts = super().trace_facts(trace_id, feedback_id, source_id)
+            earlier = {"name0": ("a-1", None)} if self.writes else {}
+            gate.wait(0.2)  # both attempts are inside at once, were it not for the lock
+            return TraceFacts(facts.experiment_id, earlier_votes=earlier)
+
+    gate = threading.Event()
+    writer = SlowWriter({TRACE: TraceFacts("1")})
+    runner = delivery(writer)
+    votes = [item(True), item(False)]
+    threads = [threading.Thread(target=runner.attempt, args=(vote,)) for vote in votes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(kind for kind, _, _ in writer.writes) == ["log", "update"]
