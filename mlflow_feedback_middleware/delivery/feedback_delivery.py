@@ -243,8 +243,8 @@ class FeedbackDelivery:
                 raise ConnectionError("the MLflow experiment is not resolved yet")
             # One vote per voter and name on a trace: a user, or for anonymous votes the one person the answer
             # was given to (a trace is one request's answer), so a vote changes and is never stuffed. Reading the
-            # trace and writing are one step per trace: two votes of one voter (a quick change of mind) attempted
-            # at once by the route and the delivery thread would otherwise both find no earlier vote.
+            # trace and writing are one step per trace: a shutdown flush passing over the outbox while the delivery
+            # thread does would otherwise let two votes of one voter both find no earlier vote.
             with self._trace_locks[hash(item.trace_id) % len(self._trace_locks)]:
                 outcome = self._write(item)
             if outcome is not None:

@@ -107,7 +107,9 @@ class TraceFacts:
 def trace_facts(trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
     """The trace's experiment, the assessments item `feedback_id` already wrote on it, and the earlier
     valid HUMAN feedback of `source_id` by name (``anonymous`` included: one anonymous voter per answer)."""
-    info = TracingClient().get_trace_info(trace_id)
+    # From the tracking store itself: TracingClient.get_trace_info answers from MLflow's in-memory buffer while the
+    # trace is held there, and that copy never has the votes already stored on the server.
+    info = TracingClient().store.get_trace_info(trace_id)
     facts = TraceFacts(info.experiment_id)
     for assessment in info.assessments or ():
         item, _, index = (assessment.metadata or {}).get(FEEDBACK_ID_KEY, "").partition("/")

@@ -203,8 +203,8 @@ def test_an_older_vote_delivered_after_a_newer_one_does_not_win(server_up: list[
 
 
 def test_two_votes_on_one_trace_are_written_one_after_the_other(server_up: list[str | None]) -> None:
-    """The route's immediate attempt and the delivery thread's may run at once: reading the trace and writing are
-    one step per trace, so the second sees the first and updates it instead of adding a second vote."""
+    """A shutdown flush and the delivery thread may attempt at once: reading the trace and writing are one step
+    per trace, so the second sees the first and updates it instead of adding a second vote."""
     import threading
 
     class SlowWriter(FakeWriter):
