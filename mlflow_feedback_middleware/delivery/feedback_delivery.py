@@ -105,7 +105,6 @@ class FeedbackDelivery:
         self.failed = 0
         self.revived = 0
         self._next_recheck = time.monotonic() + _RECHECK_SECONDS
-        self._trace_locks = [threading.Lock() for _ in range(64)]  # striped by trace ID
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -242,11 +241,9 @@ class FeedbackDelivery:
                 self._backend.start_resolving()
                 raise ConnectionError("the MLflow experiment is not resolved yet")
             # One vote per voter and name on a trace: a user, or for anonymous votes the one person the answer
-            # was given to (a trace is one request's answer), so a vote changes and is never stuffed. Reading the
-            # trace and writing are one step per trace: a shutdown flush passing over the outbox while the delivery
-            # thread does would otherwise let two votes of one voter both find no earlier vote.
-            with self._trace_locks[hash(item.trace_id) % len(self._trace_locks)]:
-                outcome = self._write(item)
+            # was given to (a trace is one request's answer), so a vote changes and is never stuffed. Items are
+            # attempted by one thread (a shutdown flush runs only once it has stopped), in order.
+            outcome = self._write(item)
             if outcome is not None:
                 return outcome
         except Exception as exc:

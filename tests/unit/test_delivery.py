@@ -200,27 +200,3 @@ def test_an_older_vote_delivered_after_a_newer_one_does_not_win(server_up: list[
     newest = item(True)
     newest.created_at = newer.created_at + 5
     assert delivery(writer).attempt(newest) == DELIVERED and writer.writes == [("update", TRACE, True)]
-
-
-def test_two_votes_on_one_trace_are_written_one_after_the_other(server_up: list[str | None]) -> None:
-    """A shutdown flush and the delivery thread may attempt at once: reading the trace and writing are one step
-    per trace, so the second sees the first and updates it instead of adding a second vote."""
-    import threading
-
-    class SlowWriter(FakeWriter):
-        def trace_facts(self, trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
-            facts = super().trace_facts(trace_id, feedback_id, source_id)
-            earlier = {"name0": ("a-1", None)} if self.writes else {}
-            gate.wait(0.2)  # both attempts are inside at once, were it not for the lock
-            return TraceFacts(facts.experiment_id, earlier_votes=earlier)
-
-    gate = threading.Event()
-    writer = SlowWriter({TRACE: TraceFacts("1")})
-    runner = delivery(writer)
-    votes = [item(True), item(False)]
-    threads = [threading.Thread(target=runner.attempt, args=(vote,)) for vote in votes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(kind for kind, _, _ in writer.writes) == ["log", "update"]
