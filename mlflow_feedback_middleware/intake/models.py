@@ -31,7 +31,7 @@ from pydantic import (
 
 from ..ids import is_valid_client_request_id, is_valid_trace_id
 from .limits import FeedbackLimits, json_size
-from .scrubbing import SCRUBBED_KEY, found_kinds, scrub_personal_data
+from .scrubbing import SCRUBBED_KEY, scrub_and_name, scrub_personal_data
 
 MAX_TEXT = 10_000
 MAX_ITEMS = 50
@@ -190,10 +190,14 @@ def scrub_assessments(
         for field, text in texts:
             if not text:
                 continue
-            cleaned = scrubber(text)
+            if scrubber is scrub_personal_data:  # one pass names what it replaced
+                cleaned, found = scrub_and_name(text)
+            else:
+                cleaned = scrubber(text)
+                found = ["custom"] if cleaned != text else []
             if cleaned != text:
                 changes[field] = cleaned
-                kinds.update(found_kinds(text) if scrubber is scrub_personal_data else ["custom"])
+                kinds.update(found)
         if kinds:
             changes["metadata"] = {**(assessment.metadata or {}), SCRUBBED_KEY: ",".join(sorted(kinds))}
         out.append(dataclasses.replace(assessment, **changes) if changes else assessment)

@@ -42,16 +42,7 @@ def _luhn(digits: str) -> bool:
 
 def found_kinds(text: str) -> list[str]:
     """The kinds of personal data or secrets the default scrubber would take out of `text`."""
-    kinds = []
-    if _SECRET.search(text):
-        kinds.append("secret")
-    if _EMAIL.search(text):
-        kinds.append("email")
-    if any(_luhn(re.sub(r"\D", "", m.group())) for m in _CARD.finditer(text)):
-        kinds.append("card")
-    if any(_is_phone(m.group()) for m in _PHONE.finditer(_CARD.sub(_card_marker, text))):
-        kinds.append("phone")
-    return kinds
+    return scrub_and_name(text)[1]
 
 
 def _card_marker(match: re.Match[str]) -> str:
@@ -66,7 +57,27 @@ def _is_phone(candidate: str) -> bool:
 def scrub_personal_data(text: str) -> str:
     """`text` with email addresses, phone numbers, card numbers (Luhn-checked) and API-key shapes replaced by
     ``[email]``, ``[phone]``, ``[card]`` and ``[secret]``. Secrets go first: a key may contain digits."""
-    text = _SECRET.sub("[secret]", text)
-    text = _EMAIL.sub("[email]", text)
-    text = _CARD.sub(_card_marker, text)
-    return _PHONE.sub(lambda m: "[phone]" if _is_phone(m.group()) else m.group(), text)
+    return scrub_and_name(text)[0]
+
+
+def scrub_and_name(text: str) -> tuple[str, list[str]]:
+    """What `scrub_personal_data` makes of `text`, and the kinds it replaced (secret, email, card, phone)."""
+    kinds = []
+    for kind, pattern, replace in _PASSES:
+        cleaned = pattern.sub(replace, text)
+        if cleaned != text:
+            kinds.append(kind)
+        text = cleaned
+    return text, kinds
+
+
+def _phone_marker(match: re.Match[str]) -> str:
+    return "[phone]" if _is_phone(match.group()) else match.group()
+
+
+_PASSES = (
+    ("secret", _SECRET, "[secret]"),
+    ("email", _EMAIL, "[email]"),
+    ("card", _CARD, _card_marker),
+    ("phone", _PHONE, _phone_marker),
+)
