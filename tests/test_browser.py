@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from mlflow_feedback_middleware.intake.models import is_retraction
+
 from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, answers, chromium_or_skip, get_trace, launch, wait_until
 
 
@@ -112,6 +114,13 @@ def test_the_demo_page_collects_feedback_in_chromium(demo_app: str, browser: Any
     offline.locator(".mlflow-feedback-status", has_text="Thanks").wait_for(timeout=30_000)
     assert offline.locator("button[aria-label='Good answer']").get_attribute("aria-pressed") == "true"
 
+    withdrawn = ask(page, "never mind", stream=False)
+    withdrawn.locator("button[aria-label='Good answer']").click()
+    withdrawn.locator(".mlflow-feedback-status", has_text="Thanks").wait_for()
+    withdrawn.locator("button[aria-label='Good answer']").click()  # pressed again: the vote is taken back
+    withdrawn.locator(".mlflow-feedback-status", has_text="withdrawn").wait_for()
+    assert withdrawn.locator("button[aria-pressed=true]").count() == 0
+
     doubled = ask(page, "double click", stream=True)
     doubled.locator("button[aria-label='Good answer']").dblclick()
     doubled.locator(".mlflow-feedback-status", has_text="Thanks").wait_for()
@@ -122,10 +131,17 @@ def test_the_demo_page_collects_feedback_in_chromium(demo_app: str, browser: Any
     assert errors == [] and missing == []
 
     wait_until(lambda: httpx.get(demo_app + "/feedback/health").json()["outbox"]["pending"] == 0, 60, "drained")
-    streamed_votes = human_votes(trace_id_of(streamed), 1)
-    # One vote, the visitor's last: the page sends a stable anonymous visitor ID, so a flip updates the vote.
-    assert [(v.name, v.value) for v in streamed_votes] == [("user_feedback", False)], streamed_votes
+    streamed_votes = human_votes(trace_id_of(streamed), 2)
+    # One vote, the visitor's last: the page sends a stable anonymous visitor ID, so a flip overrides the vote
+    # (MLflow keeps the first, invalid).
+    assert [(v.name, v.value) for v in streamed_votes if v.valid] == [("user_feedback", False)], streamed_votes
+    assert [v.value for v in streamed_votes if not v.valid] == [True]
     assert streamed_votes[0].source.source_id.startswith("visitor-")
+    withdrawn_votes = sorted(human_votes(trace_id_of(withdrawn), 2), key=lambda v: v.create_time_ms)
+    assert [(v.value, v.valid, is_retraction(v.metadata)) for v in withdrawn_votes] == [
+        (True, False, False),
+        (None, True, True),
+    ]
     answered_votes = human_votes(trace_id_of(answered), 1)
     assert [(v.value, v.rationale) for v in answered_votes] == [(False, "too vague")]
     assert [v.value for v in human_votes(trace_id_of(offline), 1)] == [True]
@@ -138,6 +154,7 @@ def test_the_client_is_served_as_a_module(demo_app: str) -> None:
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/javascript")
     for name in (
         "export function idsFromResponse",
+        "export function retractFeedback",
         "export async function readEventStream",
         "export class FeedbackControl",
     ):

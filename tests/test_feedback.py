@@ -10,6 +10,12 @@ import httpx
 import mlflow
 import pytest
 
+from mlflow_feedback_middleware import Binary, FeedbackSchema, Scale
+from mlflow_feedback_middleware._mlflow.tracing import find_experiment
+from mlflow_feedback_middleware.insight.datasets import feedback_records
+from mlflow_feedback_middleware.insight.report import build_report, search_requests
+from mlflow_feedback_middleware.intake.models import RETRACTED_KEY
+
 from .apps import build_app
 from .support import client_for, get_trace, http_scope
 
@@ -211,6 +217,82 @@ BAD_REQUESTS: list[tuple[str, str, bytes | None, int, str]] = [
 ]
 
 
+def human_votes(trace_id: str, count: int, timeout: float = 30.0) -> list[Any]:
+    """The trace's HUMAN assessments in the order written, once there are `count` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [a for a in get_trace(trace_id).info.assessments if a.source.source_type == "HUMAN"]
+        if len(found) >= count:
+            return sorted(found, key=lambda a: (a.create_time_ms, a.assessment_id))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} assessments did not land on {trace_id}; found {len(found)}")
+        time.sleep(0.2)
+
+
+async def test_a_changed_and_withdrawn_vote_keeps_its_history_and_counts_as_the_current_vote(
+    experiment_name: str,
+) -> None:
+    """👍, then 👎 with a comment, then withdrawn (POST ``retract`` and DELETE): MLflow keeps each earlier vote,
+    overridden and invalid; the report and the export count only what each user's vote is now."""
+    app = build_app(experiment_name=experiment_name)
+    async with client_for(app) as client:
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        alice, bob = f"/feedback?trace_id={trace_id}&user_id=alice", f"/feedback?trace_id={trace_id}&user_id=bob"
+        steps: list[tuple[str, str, dict[str, Any] | None]] = [
+            ("post", alice, {"is_correct": True}),
+            ("post", alice, {"is_correct": False, "comment": "on second thought, wrong"}),
+            ("post", bob, {"is_correct": True}),
+            ("post", alice, {"retract": True}),
+        ]
+        for count, (method, url, body) in enumerate(steps, start=1):
+            response = await client.request(method, url, json=body)
+            assert response.status_code in (200, 202), response.text
+            human_votes(trace_id, count)  # delivered before the next step: one history, in order
+
+        first, second, bobs, withdrawal = human_votes(trace_id, 4)
+        assert (first.value, first.valid, first.overrides) == (True, False, None)
+        assert (second.value, second.valid, second.overrides) == (False, False, first.assessment_id)
+        assert second.rationale == "on second thought, wrong"
+        assert (withdrawal.value, withdrawal.valid, withdrawal.overrides) == (None, True, second.assessment_id)
+        assert withdrawal.metadata[RETRACTED_KEY] == "true" and withdrawal.source.source_id == "alice"
+        assert (bobs.value, bobs.valid, bobs.source.source_id) == (True, True, "bob")
+
+        experiment_id = find_experiment(mlflow.get_tracking_uri(), experiment_name, None, create=False)
+        report = build_report(search_requests(experiment_id))
+        assert (report["traces_with_feedback"], report["positive_count"], report["negative_count"]) == (1, 1, 0)
+        assert report["withdrawn_count"] == 1
+        exported = list(feedback_records(experiment_id, only="any"))
+        assert [(v["user"], v["value"]) for v in exported[0]["feedback"]] == [("bob", True)]
+        assert list(feedback_records(experiment_id, only="negative")) == []  # Alice's 👎 is withdrawn
+
+        # Bob withdraws with DELETE; then Alice votes again, which overrides her withdrawal.
+        assert (await client.delete(bob)).status_code in (200, 202)
+        assert (await client.post(alice, json={"is_correct": True})).status_code in (200, 202)
+        history = human_votes(trace_id, 6)
+    current = [(a.source.source_id, a.value) for a in history if a.valid and not a.metadata.get(RETRACTED_KEY)]
+    assert current == [("alice", True)]
+    report = build_report(search_requests(experiment_id))
+    assert (report["positive_count"], report["negative_count"], report["withdrawn_count"]) == (1, 0, 1)
+
+
+async def test_a_retraction_is_checked_like_a_vote(experiment_name: str) -> None:
+    """Retracting names the schema does not declare, or with a vote in the same body, is a 422 naming `retract`."""
+    schema = FeedbackSchema(Binary("user_feedback"), Scale("accuracy", min=1, max=5))
+    async with client_for(build_app(experiment_name=experiment_name, feedback_schema=schema)) as client:
+        trace_id = (await answered(client)).headers[TRACE_HEADER]
+        url = f"/feedback?trace_id={trace_id}"
+        unknown = await client.post(url, json={"retract": ["accuracy"]})  # stored as user_accuracy
+        assert unknown.status_code == 422 and unknown.json()["errors"][0]["field"] == "retract"
+        assert "user_feedback, user_accuracy" in unknown.json()["message"]
+        mixed = await client.post(url, json={"retract": True, "is_correct": True})
+        assert mixed.status_code == 422 and "'retract' goes alone" in mixed.json()["message"]
+        nothing = await client.post(url, json={"retract": False})
+        assert nothing.status_code == 422 and nothing.json()["errors"][0]["field"] == "retract"
+        ok = await client.delete(url + "&name=user_accuracy")
+        assert ok.status_code in (200, 202), ok.text
+        assert ok.json()["feedback_recorded"] == {"user_accuracy": None}
+
+
 @pytest.mark.parametrize(("case", "query", "body", "status", "text"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 async def test_bad_input_gets_a_clear_4xx(
     experiment_name: str, case: str, query: str, body: bytes | None, status: int, text: str
@@ -231,7 +313,7 @@ async def test_other_methods_and_subpaths(experiment_name: str) -> None:
     app = build_app(experiment_name=experiment_name)
     async with client_for(app) as client:
         get = await client.get("/feedback")
-        assert get.status_code == 405 and get.headers["allow"] == "POST"
+        assert get.status_code == 405 and get.headers["allow"] == "POST, DELETE"
         assert (await client.post("/feedback/nowhere", json={})).status_code == 404
         assert (await client.get("/feedback/fb-" + "0" * 32)).status_code == 404  # no such feedback
         assert (await client.post("/feedback/health")).status_code == 404

@@ -19,11 +19,12 @@ from typing import Any
 
 import mlflow
 import pytest
-from mlflow.entities import AssessmentSource
+from mlflow.entities import AssessmentSource, Feedback
 
 from mlflow_feedback_middleware._mlflow.tracing import find_experiment
 from mlflow_feedback_middleware.insight.cli import main
 from mlflow_feedback_middleware.insight.report import PAGE_SIZE, build_report, search_requests
+from mlflow_feedback_middleware.intake.models import RETRACTED_KEY
 
 from .apps import build_app
 from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, chromium_or_skip, client_for, full_mlflow_python, get_trace
@@ -31,6 +32,7 @@ from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, chromium_or_skip, clien
 N_TRACES = 560  # more than one page of search results
 DAY = 86400.0
 HUMAN = "HUMAN"
+RETRACT = object()  # a vote's "then": withdrawn
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Seeded:
     issues: list[tuple[int, str]] = field(default_factory=list)
     comments: list[tuple[int, str]] = field(default_factory=list)  # negative votes with a comment
     with_human_feedback: set[int] = field(default_factory=set)
+    withdrawn: set[int] = field(default_factory=set)  # a vote its user took back
 
     def expected(self, indices: list[int]) -> dict[str, Any]:
         chosen = set(indices)
@@ -66,6 +69,7 @@ class Seeded:
             "rating_mean": statistics.fmean(ratings) if ratings else None,
             "rating_count": len(ratings),
             "issues": dict(Counter(v for i, v in self.issues if i in chosen)),
+            "withdrawn_count": len(self.withdrawn & chosen),
         }
 
 
@@ -126,14 +130,22 @@ def seeded(mlflow_server: MlflowServer) -> Seeded:
             votes.append(("user_feedback", True, None, HUMAN, False))
             data.down[i] += 1
             data.judged_or_overridden.add(i)
-        if any(source == HUMAN for _, _, _, source, _ in votes):
+        if i % 50 == 15:  # a 👍 withdrawn (overridden by a retraction): no vote at all
+            votes.append(("user_feedback", True, None, HUMAN, RETRACT))
+            data.withdrawn.add(i)
+            data.judged_or_overridden.add(i)
+        if any(source == HUMAN and then is not RETRACT for _, _, _, source, then in votes):
             data.with_human_feedback.add(i)
 
     def write(i: int) -> None:
         for name, value, rationale, source_type, then in plan[i]:
             source = AssessmentSource(source_type=source_type, source_id=_user(i) if source_type == HUMAN else "judge")
             written = mlflow.log_feedback(trace_id=ids[i], name=name, value=value, rationale=rationale, source=source)
-            if then is not None:
+            if then is RETRACT:  # stored as the feedback route stores a retraction
+                metadata = {RETRACTED_KEY: "true"}
+                withdrawal = Feedback(name, None, source=source, metadata=metadata, overrides=written.assessment_id)
+                mlflow.log_assessment(ids[i], withdrawal)
+            elif then is not None:
                 mlflow.override_feedback(
                     trace_id=ids[i], assessment_id=written.assessment_id, value=then, source=source
                 )
@@ -148,7 +160,7 @@ def _window(data: Seeded, since: float | None = None, until: float | None = None
 
 
 def _check(report: dict[str, Any], expected: dict[str, Any]) -> None:
-    for key in ("total_traces", "traces_with_feedback", "positive_count", "negative_count"):
+    for key in ("total_traces", "traces_with_feedback", "positive_count", "negative_count", "withdrawn_count"):
         assert report[key] == expected[key], key
     for key in ("feedback_rate", "positive_rate"):
         assert report[key] == pytest.approx(expected[key]), key

@@ -256,7 +256,7 @@ async def test_a_custom_identity_resolver(experiment_name: str) -> None:
 # -- one vote per user, idempotent retries ---------------------------------------------------------
 
 
-async def test_a_user_voting_again_updates_their_vote_and_others_keep_theirs(experiment_name: str) -> None:
+async def test_a_user_voting_again_overrides_their_vote_and_others_keep_theirs(experiment_name: str) -> None:
     async with client_for(build_app(experiment_name=experiment_name)) as client:
         trace_id = (await answer(client)).headers[TRACE_HEADER]
         get_trace(trace_id)
@@ -274,8 +274,10 @@ async def test_a_user_voting_again_updates_their_vote_and_others_keep_theirs(exp
             response = await client.post(f"/feedback?trace_id={trace_id}", json=body, headers=headers)
             assert response.status_code == 200, response.text
     by_source: dict[tuple[str, str], list[Any]] = {}
-    for a in human_feedback(trace_id):
-        by_source.setdefault((a.source.source_id, a.name), []).append(a.value)
+    history = human_feedback(trace_id)
+    for a in history:
+        if a.valid:  # the current vote; MLflow keeps the ones it overrode, invalid
+            by_source.setdefault((a.source.source_id, a.name), []).append(a.value)
     by_source = {key: sorted(values) for key, values in by_source.items()}
     assert by_source == {
         ("alice", "user_feedback"): [False],
@@ -283,7 +285,8 @@ async def test_a_user_voting_again_updates_their_vote_and_others_keep_theirs(exp
         ("anonymous", "user_feedback"): [False],  # one anonymous voter per answer: the last vote counts
         ("alice", "user_accuracy"): [0.8],
     }
-    alice = next(a for a in human_feedback(trace_id) if a.source.source_id == "alice" and a.name == "user_feedback")
+    assert sorted(a.value for a in history if not a.valid) == [0.4, True, True]  # alice's 👍 and 2, anonymous 👍
+    alice = next(a for a in history if a.source.source_id == "alice" and a.name == "user_feedback" and a.valid)
     assert alice.rationale == "actually wrong"
 
 

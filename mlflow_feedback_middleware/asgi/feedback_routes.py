@@ -31,7 +31,15 @@ from ..ids import clean_principal_id
 from ..insight.report import GROUPINGS, build_report, parse_time, search_requests
 from ..intake.identity import ANONYMOUS
 from ..intake.limits import RateLimiter
-from ..intake.models import Assessment, FeedbackRequest, limit_violations, scrub_assessments, to_assessments
+from ..intake.models import (
+    Assessment,
+    FeedbackRequest,
+    limit_violations,
+    retracted_names,
+    retraction,
+    scrub_assessments,
+    to_assessments,
+)
 from ..intake.schema import SchemaError, default_schema
 from ..intake.tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .routing import route_path
@@ -163,9 +171,16 @@ class FeedbackRoutes:
                 return
             except _BadRequest as exc:
                 response = exc.response()
+        elif path == self._path and request.method == "DELETE":
+            try:
+                response = await self._post(request, retract=True)
+            except ClientDisconnect:
+                return
+            except _BadRequest as exc:
+                response = exc.response()
         elif path == self._path:
-            response = _error(405, "use POST to send feedback")
-            response.headers["Allow"] = "POST"
+            response = _error(405, "use POST to send feedback (DELETE to withdraw it)")
+            response.headers["Allow"] = "POST, DELETE"
         elif path == self._prefix + "health" and request.method == "GET":
             response = await self._health()
         elif path == self._prefix + "summary" and request.method == "GET" and self._settings.summary_token:
@@ -221,7 +236,9 @@ class FeedbackRoutes:
         )
         return JSONResponse({"status": "ok" if healthy else "degraded", **status}, status_code=200 if healthy else 503)
 
-    async def _post(self, request: Request) -> JSONResponse:
+    async def _post(self, request: Request, retract: bool = False) -> JSONResponse:
+        """Take a vote (or, with `retract`, a ``DELETE``: withdraw votes named by ``?name=``, the body's
+        ``retract``, or else the thumbs)."""
         self._check_rate(request)  # before the body is read: a flood costs as little as possible
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
@@ -234,6 +251,9 @@ class FeedbackRoutes:
             if field in data and data[field] != query_value:
                 raise _BadRequest(400, f"'{field}' differs between the query string and the body", field)
             data[field] = query_value
+        if retract:
+            names = request.query_params.getlist("name")
+            data.setdefault("retract", names or True)
         grant = self._grant(request.headers.get(self._token_header, data.pop("feedback_token", None)))
         user = self._user(request, data.pop("user_id", None), grant)
         feedback = self._validated(data, grant)
@@ -288,6 +308,12 @@ class FeedbackRoutes:
         return feedback
 
     def _assessments(self, feedback: FeedbackRequest) -> list[Assessment]:
+        if feedback.retract is not None:
+            names = retracted_names(feedback)
+            if self._schema is not None and (unknown := set(names) - set(self._schema.stored_names())):
+                declared = ", ".join(self._schema.stored_names())
+                raise _invalid([("retract", f"{', '.join(sorted(unknown))} not declared here; feedback: {declared}")])
+            return [retraction(name) for name in names]
         try:
             if self._schema is not None:
                 assessments = self._schema.to_assessments(feedback)

@@ -275,8 +275,12 @@ class FeedbackDelivery:
                 if earlier_cast is not None and earlier_cast > cast_at:
                     assessment_id = earlier_id  # the voter's newer vote is stored already: this one is superseded
                 else:
-                    assessment_id = self._writer.update_feedback(item.trace_id, earlier_id, assessment, item.id, index)
+                    assessment_id = self._writer.override_feedback(
+                        item.trace_id, earlier_id, assessment, item.source_id, item.id, index
+                    )
             elif assessment_id is None:
+                # A retraction with no vote stored yet is written too: the vote it withdraws may be delivered
+                # later (it waited for its trace), and then its older cast time loses to the retraction.
                 assessment_id = self._writer.log_feedback(item.trace_id, assessment, item.source_id, item.id, index)
             item.assessment_ids.append(assessment_id)
         return None

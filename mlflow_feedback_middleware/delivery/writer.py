@@ -3,8 +3,13 @@
 Each assessment carries its outbox item's ID and its index in the item in metadata (`FEEDBACK_ID_KEY`,
 ``fb-<hex>/<index>``), which is what makes a replay idempotent: before writing again after an attempt of
 unknown outcome, the trace's assessments are read and those already written under that ID are kept
-instead of written twice. The same read finds a user's earlier vote of the same name, which is updated
-rather than joined by a second one, and tells which experiment the trace belongs to.
+instead of written twice. The same read finds a user's earlier vote of the same name, which a new vote
+overrides the way MLflow models a changed assessment (`overrides`: the earlier one is kept, marked invalid)
+rather than joins, and tells which experiment the trace belongs to.
+
+A retraction ("un-vote") is stored the same way: an assessment of the same name with no value and
+`RETRACTED_KEY` in its metadata overrides the vote it withdraws, so the history stays and no valid vote is
+left (`intake.models.retraction`). Figures skip it (`is_retraction`).
 """
 
 from __future__ import annotations
@@ -77,21 +82,20 @@ def log_feedback(trace_id: str, assessment: Assessment, source_id: str, feedback
     return feedback.assessment_id
 
 
-def update_feedback(
-    trace_id: str, assessment_id: str, assessment: Assessment, feedback_id: str, index: int
+def override_feedback(
+    trace_id: str, earlier_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int
 ) -> str | None:
-    """Replace the value (and the rationale, when one is given) of an earlier vote by the same voter."""
-    updated = mlflow.update_assessment(
-        trace_id=trace_id,
-        assessment_id=assessment_id,
-        assessment=Feedback(
-            name=assessment.name,
-            value=assessment.value,
-            rationale=assessment.rationale,
-            metadata=_metadata(assessment, feedback_id, index),
-        ),
+    """Write a voter's new vote (or retraction) as an override of their `earlier_id` vote, which MLflow keeps
+    and marks invalid (``mlflow.override_feedback`` without its extra read of the earlier assessment)."""
+    feedback = Feedback(
+        name=assessment.name,
+        value=assessment.value,
+        rationale=assessment.rationale,
+        metadata=_metadata(assessment, feedback_id, index),
+        source=AssessmentSource(source_type="HUMAN", source_id=source_id),
+        overrides=earlier_id,
     )
-    return updated.assessment_id
+    return mlflow.log_assessment(trace_id, feedback).assessment_id
 
 
 @dataclass
@@ -173,8 +177,8 @@ class FeedbackWriter(Protocol):
         self, trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int
     ) -> str | None: ...
 
-    def update_feedback(
-        self, trace_id: str, earlier_id: str, assessment: Assessment, feedback_id: str, index: int
+    def override_feedback(
+        self, trace_id: str, earlier_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int
     ) -> str | None: ...
 
 
@@ -185,4 +189,4 @@ class MlflowFeedbackWriter:
     trace_exists = staticmethod(trace_exists)
     search_trace_id = staticmethod(search_trace_id)
     log_feedback = staticmethod(log_feedback)
-    update_feedback = staticmethod(update_feedback)
+    override_feedback = staticmethod(override_feedback)

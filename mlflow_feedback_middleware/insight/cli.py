@@ -103,6 +103,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"  positive rate         {_percent(report['positive_rate'])}"
         "  (MLflow guide's: thumbs up per request with any feedback)\n"
     )
+    if report.get("withdrawn_count"):
+        out.write(f"  withdrawn votes       {report['withdrawn_count']}  (not counted above)\n")
     if report["ratings"]:
         out.write("\nRatings\n")
         for dimension, stats in report["ratings"].items():

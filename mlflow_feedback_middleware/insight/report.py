@@ -5,8 +5,9 @@ denominator of the feedback rate. Traces are read with paginated ``search_traces
 the trace infos already carry their assessments, so the report costs one call per page of traces,
 where MLflow's guide fetches every trace one by one.
 
-Only HUMAN feedback counts (LLM judges and code scorers are not end users), and only assessments still
-valid (one that was overridden is not).
+Only HUMAN feedback counts (LLM judges and code scorers are not end users), and only a voter's current
+vote: an assessment overridden by a newer vote is not valid any more, and a retraction (a withdrawn vote)
+is no vote; withdrawn votes are counted apart (`withdrawn_count`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from mlflow.entities import Assessment, Trace
 
-from ..intake.models import RATING_PREFIX, SEED_FEEDBACK_NAME
+from ..intake.models import RATING_PREFIX, SEED_FEEDBACK_NAME, is_retraction
 from ..intake.schema import FeedbackSchema
 
 PAGE_SIZE = 500  # the tracking server's largest page for trace searches
@@ -57,6 +58,7 @@ class TracedRequest:
     user: str | None
     session: str | None
     votes: list[Vote] = field(default_factory=list)
+    withdrawn: int = 0  # votes on it withdrawn by their voter (and not cast again)
 
 
 def is_positive(vote: Vote) -> bool | None:
@@ -66,28 +68,35 @@ def is_positive(vote: Vote) -> bool | None:
     return None
 
 
-def _human_votes(trace_id: str, assessments: Iterable[Assessment]) -> list[Vote]:
+def _human_votes(trace_id: str, assessments: Iterable[Assessment]) -> tuple[list[Vote], int]:
+    """The current HUMAN votes on a trace, and how many were withdrawn."""
     votes = []
+    withdrawn = 0
     for a in assessments:
         if a.feedback is None or a.valid is False or a.source is None or a.source.source_type != "HUMAN":
+            continue
+        if is_retraction(a.metadata):
+            withdrawn += 1
             continue
         user = a.source.source_id or ""
         scale = _number((a.metadata or {}).get("rating_scale_max"))
         votes.append(Vote(trace_id, a.name, a.feedback.value, user, a.rationale, a.create_time_ms or 0, scale))
-    return votes
+    return votes, withdrawn
 
 
 def traced_request(trace: Trace) -> TracedRequest:
     """The report's view of one searched trace (no spans needed)."""
     info = trace.info
     metadata = info.trace_metadata or {}
+    votes, withdrawn = _human_votes(info.trace_id, info.assessments or ())
     return TracedRequest(
         trace_id=info.trace_id,
         time_ms=info.request_time,
         route=(info.tags or {}).get(_ROUTE_TAG),
         user=metadata.get(_USER_KEY),
         session=metadata.get(_SESSION_KEY),
-        votes=_human_votes(info.trace_id, info.assessments or ()),
+        votes=votes,
+        withdrawn=withdrawn,
     )
 
 
@@ -163,13 +172,14 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
     With a `schema`, its binary fields and the polarity of its categorical choices say what is positive.
     """
     polarity_of = (lambda v: schema.polarity(v.name, v.value)) if schema is not None else is_positive
-    total = with_feedback = positive = negative = 0
+    total = with_feedback = positive = negative = withdrawn = 0
     ratings: dict[str, list[float]] = {}
     scales: dict[str, set[float | None]] = {}
     categories: dict[str, Counter[str]] = {}
     negative_comments: list[Vote] = []
     for request in requests:
         total += 1
+        withdrawn += request.withdrawn
         if not request.votes:
             continue
         with_feedback += 1
@@ -196,6 +206,7 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
         "positive_count": positive,
         "negative_count": negative,
         "thumbs_positive_rate": positive / (positive + negative) * 100 if positive + negative else 0,
+        "withdrawn_count": withdrawn,
         "ratings": {
             dimension: _rating_stats(values, _one(scales[dimension])) for dimension, values in sorted(ratings.items())
         },

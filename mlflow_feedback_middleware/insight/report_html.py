@@ -137,6 +137,8 @@ def render_html(report: dict[str, Any], timeline: dict[str, dict[str, Any]], by:
             "MLflow guide's figure: thumbs up per request with any feedback (ratings-only requests count too)",
         ),
     ]
+    if report.get("withdrawn_count"):
+        rows.append(("Withdrawn votes", report["withdrawn_count"], "votes their users took back; not counted above"))
     body = [
         f"<h1>{_esc(title)}</h1>",
         f"<p>{_esc(window.get('since') or 'start')} → {_esc(window.get('until') or 'now')}</p>",

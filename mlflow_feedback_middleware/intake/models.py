@@ -7,6 +7,9 @@ Three shapes, combinable in one request:
 - ``{"ratings": {"accuracy": 4, "helpfulness": 5}}`` on the configured scale, each stored as
   ``user_<dimension>`` normalised to 0-1 (rating / scale maximum, as the seed does), the raw rating kept
   in metadata.
+
+Or, alone, ``{"retract": true}`` / ``{"retract": ["user_feedback", "user_accuracy"]}``: withdraw the voter's
+votes of those stored names (``user_feedback`` when ``true``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ MAX_TEXT = 10_000
 MAX_ITEMS = 50
 SEED_FEEDBACK_NAME = "user_feedback"
 RATING_PREFIX = "user_"
+RETRACTED_KEY = "mlflow_feedback.retracted"
 
+_VOTE_FIELDS = ("is_correct", "comment", "name", "value", "rationale", "metadata", "ratings")
 _TRUE = {True, "1", "true", "up", "yes", "👍"}
 _FALSE = {False, "0", "false", "down", "no", "👎"}
 
@@ -79,6 +84,11 @@ class FeedbackRequest(BaseModel):
     rationale: Text | None = None
     metadata: Annotated[dict[Name, Scalar], Field(max_length=MAX_ITEMS)] | None = None
     ratings: Annotated[dict[Name, StrictInt | StrictFloat], Field(min_length=1, max_length=MAX_ITEMS)] | None = None
+    retract: StrictBool | Annotated[list[Name], Field(min_length=1, max_length=MAX_ITEMS)] | None = Field(
+        None,
+        description="Withdraw the voter's earlier votes instead of voting: `true` for the thumbs"
+        f" (`{SEED_FEEDBACK_NAME}`), or the stored names to withdraw. Sent alone.",
+    )
 
     @field_validator("is_correct", mode="before")
     @classmethod
@@ -111,14 +121,26 @@ class FeedbackRequest(BaseModel):
                 raise ValueError(f"rating {dimension!r} is {rating}, outside the scale {low:g} to {high:g}")
         return value
 
+    @field_validator("retract")
+    @classmethod
+    def _retract_something(cls, value: bool | list[str] | None) -> bool | list[str] | None:
+        if value is False:
+            raise ValueError("must be true or a list of the feedback names to withdraw")
+        return value
+
     @model_validator(mode="after")
     def _complete(self) -> FeedbackRequest:
+        if self.retract is not None:
+            given = [name for name in _VOTE_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"'retract' goes alone: drop {', '.join(repr(name) for name in given)}")
+            return self
         if (self.name is None) != (self.value is None):
             raise ValueError("'name' and 'value' go together: give both or neither")
         if self.comment is not None and self.rationale is not None:
             raise ValueError("give 'comment' or 'rationale', not both")
         if self.is_correct is None and self.value is None and self.ratings is None:
-            raise ValueError("no feedback given: send 'is_correct', 'name' with 'value', or 'ratings'")
+            raise ValueError("no feedback given: send 'is_correct', 'name' with 'value', 'ratings', or 'retract'")
         return self
 
 
@@ -149,6 +171,22 @@ class Assessment:
     value: Any
     rationale: str | None = None
     metadata: dict[str, str] | None = None
+
+
+def retraction(name: str) -> Assessment:
+    """The assessment that withdraws a voter's vote named `name` (it overrides that vote, with no value)."""
+    return Assessment(name, None, None, {RETRACTED_KEY: "true"})
+
+
+def is_retraction(metadata: dict[str, str] | None) -> bool:
+    """Whether an assessment with this metadata withdraws a vote rather than casts one."""
+    return (metadata or {}).get(RETRACTED_KEY) == "true"
+
+
+def retracted_names(request: FeedbackRequest) -> list[str]:
+    """The stored names a retraction request withdraws (the thumbs for ``true``), each once."""
+    names = [SEED_FEEDBACK_NAME] if request.retract is True else list(request.retract or ())
+    return list(dict.fromkeys(names))
 
 
 def build_assessments(request: FeedbackRequest, values: list[tuple[str, Any, dict[str, str]]]) -> list[Assessment]:

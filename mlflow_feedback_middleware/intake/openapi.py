@@ -107,6 +107,31 @@ def feedback_openapi(feedback_path: str = "/feedback", token_header: str | None 
         "thumbs": {"summary": "MLflow's guide", "value": {"is_correct": True, "comment": "spot on"}},
         "ratings": {"summary": "Ratings", "value": {"ratings": {"accuracy": 4, "helpfulness": 5}}},
         "named": {"summary": "Any named value", "value": {"name": "issue", "value": ["wrong", "slow"]}},
+        "retract": {"summary": "Withdraw the thumbs vote", "value": {"retract": True}},
+    }
+    responses: dict[str, Any] = {
+        "200": _json(
+            _SUCCESS,
+            "Written to MLflow",
+            {
+                "status": "success",
+                "feedback_id": "fb-0c7e…",
+                "trace_id": _TRACE_ID,
+                "feedback_recorded": {"user_feedback": True},
+                "assessment_ids": ["a-cbccee0688334e1b9537ff11d9d70517"],
+            },
+        ),
+        "202": _json(_ACCEPTED, "Stored in the outbox; delivered as soon as MLflow has the trace"),
+        **_errors(
+            ("400", "Malformed JSON or conflicting IDs"),
+            ("401", "Feedback token missing, invalid or expired (when the service signs tokens)"),
+            ("403", "Token for another trace or user"),
+            ("404", "No such trace in this service's experiment"),
+            ("413", "Body too large"),
+            ("422", "Invalid feedback (the field is named in `errors`)"),
+            ("429", "Rate limited; see Retry-After"),
+            ("503", "Tracing disabled or the outbox unavailable"),
+        ),
     }
     post = {
         "tags": [_TAG],
@@ -119,33 +144,26 @@ def feedback_openapi(feedback_path: str = "/feedback", token_header: str | None 
                 "application/json": {"schema": {"$ref": "#/components/schemas/FeedbackRequest"}, "examples": examples}
             },
         },
-        "responses": {
-            "200": _json(
-                _SUCCESS,
-                "Written to MLflow",
-                {
-                    "status": "success",
-                    "feedback_id": "fb-0c7e…",
-                    "trace_id": _TRACE_ID,
-                    "feedback_recorded": {"user_feedback": True},
-                    "assessment_ids": ["a-cbccee0688334e1b9537ff11d9d70517"],
-                },
-            ),
-            "202": _json(_ACCEPTED, "Stored in the outbox; delivered as soon as MLflow has the trace"),
-            **_errors(
-                ("400", "Malformed JSON or conflicting IDs"),
-                ("401", "Feedback token missing, invalid or expired (when the service signs tokens)"),
-                ("403", "Token for another trace or user"),
-                ("404", "No such trace in this service's experiment"),
-                ("413", "Body too large"),
-                ("422", "Invalid feedback (the field is named in `errors`)"),
-                ("429", "Rate limited; see Retry-After"),
-                ("503", "Tracing disabled or the outbox unavailable"),
-            ),
-        },
+        "responses": responses,
+    }
+    name_param = {
+        "name": "name",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "array", "items": {"type": "string"}},
+        "description": "A stored feedback name to withdraw; repeat for several.",
+    }
+    delete = {
+        "tags": [_TAG],
+        "summary": "Withdraw feedback on an answer",
+        "description": 'The same as POST with `{"retract": [...]}`: the voter\'s votes of the `name`s given'
+        " (the thumbs, `user_feedback`, when none) are overridden by a retraction; MLflow keeps them, invalid.",
+        "operationId": "withdraw_feedback",
+        "parameters": [*id_params, name_param, *header_params],
+        "responses": responses,
     }
     paths = {
-        feedback_path: {"post": post},
+        feedback_path: {"post": post, "delete": delete},
         f"{feedback_path}/schema": {
             "get": {
                 "tags": [_TAG],

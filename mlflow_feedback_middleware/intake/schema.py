@@ -179,6 +179,10 @@ class FeedbackSchema:
             out.append(spec)
         return {"feedback": out}
 
+    def stored_names(self) -> list[str]:
+        """The names the fields' assessments are stored under (a scale's is ``user_<name>``)."""
+        return [RATING_PREFIX + f.name if isinstance(f, Scale) else f.name for f in self.fields.values()]
+
     def is_free_text(self, name: str) -> bool:
         """Whether the stored assessment `name` holds text a user typed (a `Text` field)."""
         return isinstance(self.fields.get(name), Text)

@@ -19,7 +19,7 @@ from mlflow_feedback_middleware.delivery.feedback_delivery import WAITING, Feedb
 from mlflow_feedback_middleware.delivery.outbox import DELIVERED, FAILED, PENDING, Item, Outbox
 from mlflow_feedback_middleware.delivery.registry import RecentTraces
 from mlflow_feedback_middleware.delivery.writer import NOT_FOUND, REJECTED, UNAVAILABLE, TraceFacts
-from mlflow_feedback_middleware.intake.models import Assessment
+from mlflow_feedback_middleware.intake.models import Assessment, retraction
 
 TRACE = "tr-" + "a" * 32
 
@@ -57,10 +57,10 @@ class FakeWriter:
     def log_feedback(self, trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int) -> str:
         return self._write("log", trace_id, assessment)
 
-    def update_feedback(
-        self, trace_id: str, earlier_id: str, assessment: Assessment, feedback_id: str, index: int
+    def override_feedback(
+        self, trace_id: str, earlier_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int
     ) -> str:
-        return self._write("update", trace_id, assessment)
+        return self._write("override", trace_id, assessment)
 
 
 @pytest.fixture
@@ -99,10 +99,10 @@ def test_an_item_is_written_and_delivered(server_up: list[str | None]) -> None:
     assert vote.state == DELIVERED and vote.assessment_ids == ["a-1", "a-2"]
 
 
-def test_a_voters_second_vote_updates_the_first(server_up: list[str | None]) -> None:
+def test_a_voters_second_vote_overrides_the_first(server_up: list[str | None]) -> None:
     writer = FakeWriter({TRACE: TraceFacts("1", earlier_votes={"name0": ("a-old", None)})})
     assert delivery(writer).attempt(item(False)) == DELIVERED
-    assert writer.writes == [("update", TRACE, False)]
+    assert writer.writes == [("override", TRACE, False)]
 
 
 def test_a_retried_item_writes_only_what_is_missing(server_up: list[str | None]) -> None:
@@ -199,4 +199,25 @@ def test_an_older_vote_delivered_after_a_newer_one_does_not_win(server_up: list[
     assert writer.writes == [] and older.assessment_ids == ["a-newer"]
     newest = item(True)
     newest.created_at = newer.created_at + 5
-    assert delivery(writer).attempt(newest) == DELIVERED and writer.writes == [("update", TRACE, True)]
+    assert delivery(writer).attempt(newest) == DELIVERED and writer.writes == [("override", TRACE, True)]
+
+
+def test_a_retraction_overrides_the_vote_and_outranks_an_older_vote_delivered_late(
+    server_up: list[str | None],
+) -> None:
+    """Good, then withdrawn: the retraction overrides Good. Had Good waited for its trace and arrived after the
+    retraction, its older cast time loses, so a withdrawn vote never comes back."""
+    vote = item(True)
+    withdraw = Item("test", TRACE, None, "ann", [retraction("name0")], True)
+    withdraw.created_at = vote.created_at + 2
+    writer = FakeWriter({TRACE: TraceFacts("1", earlier_votes={"name0": ("a-vote", int(vote.created_at * 1000))})})
+    assert delivery(writer).attempt(withdraw) == DELIVERED and writer.writes == [("override", TRACE, None)]
+
+    # Out of order: the retraction is stored first (with nothing to override), the vote arrives later.
+    withdraw = Item("test", TRACE, None, "ann", [retraction("name0")], True)
+    withdraw.created_at = vote.created_at + 2
+    writer = FakeWriter({TRACE: TraceFacts("1")})
+    assert delivery(writer).attempt(withdraw) == DELIVERED and writer.writes == [("log", TRACE, None)]
+    writer.facts[TRACE] = TraceFacts("1", earlier_votes={"name0": ("a-1", int(withdraw.created_at * 1000))})
+    assert delivery(writer).attempt(vote) == DELIVERED
+    assert writer.writes == [("log", TRACE, None)] and vote.assessment_ids == ["a-1"]

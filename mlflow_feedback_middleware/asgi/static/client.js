@@ -88,6 +88,11 @@ export async function sendFeedback(endpoint, ids, body, key = newKey()) {
   return answer;
 }
 
+/** Withdraw the user's votes on an answer: the thumbs, or the stored feedback `names` given. */
+export function retractFeedback(endpoint, ids, names = null, key = newKey()) {
+  return sendFeedback(endpoint, ids, { retract: names && names.length ? names : true }, key);
+}
+
 /** Send what waited in localStorage; items refused by the server are dropped, the rest wait on. */
 export async function flushQueue() {
   const waiting = readQueue();
@@ -162,7 +167,9 @@ export class FeedbackControl {
     button.innerHTML = `${value ? THUMB_UP : THUMB_DOWN}<span aria-hidden="true">${label}</span>`;
     button.setAttribute("aria-label", name);
     button.setAttribute("aria-pressed", "false");
-    button.addEventListener("click", () => this.vote({ is_correct: value }, button));
+    // A pressed thumb pressed again withdraws the vote (MLflow keeps it, marked invalid).
+    button.addEventListener("click", () =>
+      button.getAttribute("aria-pressed") === "true" ? this.vote({ retract: true }, null) : this.vote({ is_correct: value }, button));
     this.root.append(button);
     return button;
   }
@@ -188,7 +195,7 @@ export class FeedbackControl {
     } catch { /* no schema route: thumbs only */ }
   }
 
-  /** Send one vote (a request body for the feedback route); never twice at once. */
+  /** Send one vote (a request body for the feedback route; `control` null for a retraction); never twice at once. */
   async vote(body, control) {
     if (!this.ids || this.sending) return;
     this.sending = true;
@@ -198,8 +205,10 @@ export class FeedbackControl {
     const item = { endpoint: this.endpoint, ids: this.ids, body, key: newKey() };
     this.status.textContent = "sending…";
     const sent = () => {
-      for (const b of [this.up, this.down]) b.setAttribute("aria-pressed", String(b === control));
-      this.status.textContent = "Thanks for your feedback!";
+      if (control === null || control === this.up || control === this.down) {  // a rating leaves the thumbs be
+        for (const b of [this.up, this.down]) b.setAttribute("aria-pressed", String(b === control));
+      }
+      this.status.textContent = body.retract ? "Vote withdrawn." : "Thanks for your feedback!";
     };
     try {
       await sendFeedback(item.endpoint, item.ids, item.body, item.key);
