@@ -268,6 +268,9 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["report", "--experiment", "x", "--since", "yesterday-ish"])
     assert exit_info.value.code == 2 and "neither a duration" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--experiment", "x", "--agreement", "--format", "csv"])
+    assert exit_info.value.code == 2 and "--agreement is shown in the table" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
     mlflow-feedback report --experiment /Shared/production-app --since 7d --by day
     mlflow-feedback report --experiment chat --since 24h --format json
     mlflow-feedback report --experiment chat --since 30d --by day --html report.html
+    mlflow-feedback report --experiment chat --since 30d --agreement       # users versus LLM judges
     mlflow-feedback export --experiment chat --only negative --output thumbs-down.jsonl
 
 The tracking server comes from ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` (the demo's store:
@@ -124,6 +125,8 @@ def format_table(report: dict[str, Any]) -> str:
         out.write("\nLatest negative comments\n")
         for comment in report["latest_negative_comments"]:
             out.write(f"  {comment['time']}  {comment['user']}: {comment['comment']}\n")
+    if "agreement" in report:
+        out.write(format_agreement(report["agreement"]))
     if "groups" in report:
         out.write(f"\nBy {report['grouped_by']}\n")
         width = max([len(k) for k in report["groups"]] + [5])
@@ -132,6 +135,33 @@ def format_table(report: dict[str, Any]) -> str:
             out.write(
                 f"  {key:<{width}}  {group['total_traces']:>8}  {group['traces_with_feedback']:>8}"
                 f"  {_percent(group['feedback_rate']):>6}  {_percent(group['positive_rate']):>8}\n"
+            )
+    return out.getvalue()
+
+
+def format_agreement(figures: dict[str, Any]) -> str:
+    """The users-versus-judges section of the text report."""
+    out = io.StringIO()
+    out.write(
+        f"\nUsers versus judges  ({figures['traces_with_both']} traces with both;"
+        f" {figures['traces_with_tied_users']} with tied users left out)\n"
+    )
+    if not figures["judges"]:
+        out.write("  no trace has both end-user votes and a judge's or scorer's feedback\n")
+    for judge, stats in figures["judges"].items():
+        kappa = stats["cohens_kappa"]
+        rate = stats["agreement_rate"]
+        confusion = stats["confusion"]
+        out.write(
+            f"  {judge:<40} agree {'-' if rate is None else _percent(rate):>6}"
+            f"  kappa {'-' if kappa is None else f'{kappa:.2f}':>5}  n={stats['traces_compared']}"
+            f"  users+/judge-: {confusion['users_positive']['judge_fail']}"
+            f"  users-/judge+: {confusion['users_negative']['judge_pass']}\n"
+        )
+        for case in stats["disagreements"][:5]:
+            why = f"  ({case['judge_rationale']})" if case["judge_rationale"] else ""
+            out.write(
+                f"      {case['time']}  {case['trace_id']}  users {case['users']}, judge {case['judge']!r}{why}\n"
             )
     return out.getvalue()
 
@@ -186,6 +216,10 @@ def _report(args: argparse.Namespace) -> int:
     _done_reading()
     window = {k: None if ms is None else iso_time(ms) for k, ms in (("since", since), ("until", until))}
     report = build_report(requests, args.by, schema, experiment=args.experiment or experiment_id, window=window)
+    if args.agreement:
+        from .agreement import agreement
+
+        report["agreement"] = agreement(requests, schema, args.judge_threshold)
     if args.html:
         from .report_html import write_html
 
@@ -249,6 +283,18 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
     report.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with charts")
     report.add_argument("--schema", metavar="FILE", help="feedback schema (TOML or JSON): what counts as positive")
+    report.add_argument(
+        "--agreement",
+        action="store_true",
+        help="also compare end users with LLM judges and code scorers: agreement, Cohen's kappa, disagreements",
+    )
+    report.add_argument(
+        "--judge-threshold",
+        type=float,
+        default=0.5,
+        metavar="SCORE",
+        help="a numeric judge score at or above this approves (default 0.5)",
+    )
     report.set_defaults(run=_report)
     export.add_argument(
         "--only",
@@ -274,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parse_time(value)
             except ValueError as exc:
                 parser().error(str(exc))
+    if args.command == "report" and args.agreement and args.format == "csv":
+        parser().error("--agreement is shown in the table, json and --html formats, not csv")
     if args.command == "export":
         from .datasets import selector
 

@@ -48,6 +48,18 @@ class Vote:
     scale_max: float | None = None  # a rating's scale (stored value x scale_max = what the user gave)
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """One LLM judge's or code scorer's valid feedback on one trace (for human/judge agreement)."""
+
+    name: str
+    source_type: str  # LLM_JUDGE or CODE
+    source_id: str
+    value: Any
+    rationale: str | None
+    time_ms: int
+
+
 @dataclass
 class TracedRequest:
     """A traced request as the report sees it: when, which route, whose, and the feedback on it."""
@@ -59,6 +71,7 @@ class TracedRequest:
     session: str | None
     votes: list[Vote] = field(default_factory=list)
     withdrawn: int = 0  # votes on it withdrawn by their voter (and not cast again)
+    judgements: list[Judgement] = field(default_factory=list)
 
 
 def is_positive(vote: Vote) -> bool | None:
@@ -84,6 +97,24 @@ def _human_votes(trace_id: str, assessments: Iterable[Assessment]) -> tuple[list
     return votes, withdrawn
 
 
+JUDGE_SOURCES = ("LLM_JUDGE", "CODE")
+
+
+def _judgements(assessments: Iterable[Assessment]) -> list[Judgement]:
+    """Valid, error-free feedback from LLM judges and code scorers (an overridden judgement is not valid)."""
+    return [
+        Judgement(
+            a.name, a.source.source_type, a.source.source_id or "", a.feedback.value, a.rationale, a.create_time_ms or 0
+        )
+        for a in assessments
+        if a.feedback is not None
+        and a.feedback.error is None
+        and a.valid is not False
+        and a.source is not None
+        and a.source.source_type in JUDGE_SOURCES
+    ]
+
+
 def traced_request(trace: Trace) -> TracedRequest:
     """The report's view of one searched trace (no spans needed)."""
     info = trace.info
@@ -97,6 +128,7 @@ def traced_request(trace: Trace) -> TracedRequest:
         session=metadata.get(_SESSION_KEY),
         votes=votes,
         withdrawn=withdrawn,
+        judgements=_judgements(info.assessments or ()),
     )
 
 

@@ -19,6 +19,7 @@ td:first-child, th:first-child { text-align: left; }
 svg text { font-size: 11px; fill: #444; } svg text.axis { font-size: 12px; fill: #222; }
 table.comments td { text-align: left; vertical-align: top; } table.periods { margin-top: .5rem; font-size: .9rem; }
 .legend span { margin-right: 1rem; }
+h3 { font-size: 1rem; margin: 1.2rem 0 .4rem; } table.confusion td, table.confusion th { border: 1px solid #ccc; }
 .legend i { display: inline-block; width: 1rem; height: .3rem; margin-right: .3rem; vertical-align: middle; }
 """
 
@@ -163,12 +164,46 @@ def render_html(report: dict[str, Any], timeline: dict[str, dict[str, Any]], by:
         for c in report["latest_negative_comments"]:
             body.append(f"<tr><td>{_esc(c['time'])}</td><td>{_esc(c['user'])}</td><td>{_esc(c['comment'])}</td></tr>")
         body.append("</table>")
+    if "agreement" in report:
+        body.append(agreement_section(report["agreement"]))
     data = json.dumps(report, ensure_ascii=False).replace("</", "<\\/")  # cannot close the script element
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
         f"<style>{_STYLE}</style></head><body>{''.join(body)}"
         f'<script type="application/json" id="report-data">{data}</script></body></html>\n'
     )
+
+
+def agreement_section(figures: dict[str, Any]) -> str:
+    """Users versus judges: per judge its agreement, kappa, confusion matrix, and the latest disagreements."""
+    out = [
+        "<h2>Users versus judges</h2>",
+        f"<p>{figures['traces_with_both']} traces have both end-user votes and a judge's or scorer's feedback"
+        f" ({figures['traces_with_tied_users']} more with tied users are left out). Kappa near 0: no better than"
+        " chance; below about 0.4 a judge is rarely trusted alone.</p>",
+    ]
+    for judge, stats in figures["judges"].items():
+        rate, kappa, confusion = stats["agreement_rate"], stats["cohens_kappa"], stats["confusion"]
+        shown_rate = "-" if rate is None else f"{rate:.1f}%"
+        shown_kappa = "-" if kappa is None else f"{kappa:.2f}"
+        out.append(
+            f"<h3>{_esc(judge)}: agreement {shown_rate}, Cohen's kappa {shown_kappa}, n={stats['traces_compared']}</h3>"
+            '<table class="confusion"><tr><th></th><th>judge passes</th><th>judge fails</th></tr>'
+            f"<tr><th>users positive</th><td>{confusion['users_positive']['judge_pass']}</td>"
+            f"<td>{confusion['users_positive']['judge_fail']}</td></tr>"
+            f"<tr><th>users negative</th><td>{confusion['users_negative']['judge_pass']}</td>"
+            f"<td>{confusion['users_negative']['judge_fail']}</td></tr></table>"
+        )
+        if stats["disagreements"]:
+            out.append('<table class="comments">')
+            for case in stats["disagreements"]:
+                out.append(
+                    f"<tr><td>{_esc(case['time'])}</td><td>{_esc(case['trace_id'])}</td>"
+                    f"<td>users {_esc(case['users'])}, judge {_esc(case['judge'])}</td>"
+                    f"<td>{_esc(case['judge_rationale'] or '')}</td></tr>"
+                )
+            out.append("</table>")
+    return "".join(out)
 
 
 def write_html(report: dict[str, Any], timeline: dict[str, dict[str, Any]], path: str | Path, by: str = "day") -> None:
