@@ -62,6 +62,13 @@ def build_app(**middleware_kwargs: Any) -> FastAPI:
         answer = await fake_llm_async(body.message)
         return {"response": answer, **seen_ids(request)}
 
+    @app.post("/rag")
+    async def rag(body: ChatRequest) -> dict[str, Any]:
+        """Retrieval, then the answer; the retrieval step's span ID is handed out for feedback on that step."""
+        with mlflow.start_span("retrieve", span_type="RETRIEVER") as retrieval:
+            retrieval.set_outputs([{"page_content": f"a page about {body.message}"}])
+        return {"response": await fake_llm_async(body.message), "retrieval_span_id": retrieval.span_id}
+
     @app.post("/chat-tagged")
     async def chat_tagged(body: ChatRequest) -> dict[str, Any]:
         mlflow.update_current_trace(tags={"app.topic": "billing"})

@@ -38,6 +38,7 @@ from ..intake.models import (
     retracted_names,
     retraction,
     scrub_assessments,
+    targeted,
     to_assessments,
 )
 from ..intake.schema import SchemaError, default_schema
@@ -257,7 +258,7 @@ class FeedbackRoutes:
         grant = self._grant(request.headers.get(self._token_header, data.pop("feedback_token", None)))
         user = self._user(request, data.pop("user_id", None), grant)
         feedback = self._validated(data, grant)
-        assessments = self._assessments(feedback)
+        assessments = targeted(self._assessments(feedback), feedback)
         if self._backend.disabled_reason is not None:
             return _error(503, "MLflow tracing is disabled in this service, so no feedback can be stored")
         trace_id = self._trace_of(feedback, grant)
@@ -411,8 +412,8 @@ class FeedbackRoutes:
                 what = f"trace {item.trace_id!r}" if item.trace_id else f"client_request_id {item.client_request_id!r}"
                 return _error(404, f"{what} not found")
             if outcome == REFUSED and item.refusal is not None:
-                status, message = item.refusal
-                return _error(status, message, [{"field": "client_request_id", "message": message}])
+                status, message, field = item.refusal
+                return _error(status, message, [{"field": field, "message": message}])
             # The tracking server's own text stays in the log: it can name internals an anonymous caller
             # has no business reading.
             logger.info("feedback %s refused by the tracking server: %s", item.id, item.last_error)

@@ -28,6 +28,7 @@ from .._mlflow.export import flush_exports
 from .._mlflow.server_watch import ServerWatch
 from .._mlflow.trace_spool import current_spool
 from .._mlflow.tracing import MlflowBackend
+from ..intake.models import SCOPE_KEY, SESSION_KEY, Assessment, vote_key
 from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
 from .registry import RecentTraces
 from .writer import (
@@ -41,6 +42,7 @@ from .writer import (
     FeedbackWriter,
     MlflowFeedbackWriter,
     Refused,
+    TraceFacts,
     classify,
 )
 
@@ -232,9 +234,7 @@ class FeedbackDelivery:
                 try:
                     item.trace_id = self._resolve(item.client_request_id)
                 except Refused as refused:
-                    item.state, item.last_error = FAILED, refused.message
-                    item.refusal = (refused.status, refused.message)
-                    return REFUSED
+                    return self._refused(item, refused)
                 if item.trace_id is None:
                     return self._not_found(item)
             if not item.issued_here and self._backend.experiment_id is None:
@@ -243,7 +243,10 @@ class FeedbackDelivery:
             # One vote per voter and name on a trace: a user, or for anonymous votes the one person the answer
             # was given to (a trace is one request's answer), so a vote changes and is never stuffed. Items are
             # attempted by one thread (a shutdown flush runs only once it has stopped), in order.
-            outcome = self._write(item)
+            try:
+                outcome = self._write(item)
+            except Refused as refused:
+                return self._refused(item, refused)
             if outcome is not None:
                 return outcome
         except Exception as exc:
@@ -254,36 +257,79 @@ class FeedbackDelivery:
         return DELIVERED
 
     def _write(self, item: Item) -> str | None:
-        """Write the item's assessments not written yet; NOT_FOUND when the trace is another service's."""
+        """Write the item's assessments not written yet; NOT_FOUND when the trace is another service's, WAITING
+        while a span it names is not stored yet. Raises `Refused` for a span or session the trace does not have."""
         assert item.trace_id is not None
         facts = self._writer.trace_facts(item.trace_id, item.id, item.source_id)
-        if facts is not None and not item.issued_here and facts.experiment_id != self._backend.experiment_id:
+        if not item.issued_here and facts.experiment_id != self._backend.experiment_id:
             # Another service's trace on the same server: refused exactly as a made-up ID is.
             item.state, item.last_error = FAILED, "trace not found in this service's experiment"
             return NOT_FOUND
+        if not item.assessment_ids and (waiting := self._check_spans(item)) is not None:
+            return waiting
+        target, assessments = item.trace_id, item.assessments
+        if any((a.metadata or {}).get(SCOPE_KEY) == "session" for a in assessments):
+            target, facts, assessments = self._session_target(item, facts)
         item.maybe_written = True  # until a definite "not written" (not found, rejected)
         cast_at = int(item.created_at * 1000)
-        for index in range(len(item.assessment_ids), len(item.assessments)):
-            assessment = item.assessments[index]
+        for index in range(len(item.assessment_ids), len(assessments)):
+            assessment = assessments[index]
             assessment = dataclasses.replace(
                 assessment, metadata={**(assessment.metadata or {}), CAST_AT_KEY: str(cast_at)}
             )
-            assessment_id = facts.written.get(index) if facts else None
-            earlier = facts.earlier_votes.get(assessment.name) if facts else None
-            if assessment_id is None and earlier is not None:  # one vote per user and name
+            assessment_id = facts.written.get(index)
+            earlier = facts.earlier_votes.get(vote_key(assessment.name, assessment.span_id, assessment.metadata))
+            if assessment_id is None and earlier is not None:  # one vote per user, name and target
                 earlier_id, earlier_cast = earlier
                 if earlier_cast is not None and earlier_cast > cast_at:
                     assessment_id = earlier_id  # the voter's newer vote is stored already: this one is superseded
                 else:
                     assessment_id = self._writer.override_feedback(
-                        item.trace_id, earlier_id, assessment, item.source_id, item.id, index
+                        target, earlier_id, assessment, item.source_id, item.id, index
                     )
             elif assessment_id is None:
                 # A retraction with no vote stored yet is written too: the vote it withdraws may be delivered
                 # later (it waited for its trace), and then its older cast time loses to the retraction.
-                assessment_id = self._writer.log_feedback(item.trace_id, assessment, item.source_id, item.id, index)
+                assessment_id = self._writer.log_feedback(target, assessment, item.source_id, item.id, index)
             item.assessment_ids.append(assessment_id)
         return None
+
+    def _check_spans(self, item: Item) -> str | None:
+        """None when every span the item names is a span of its trace; WAITING while the trace's spans may not all
+        be stored yet (then NOT_FOUND once the wait is over). Raises `Refused` for a span the trace does not have."""
+        assert item.trace_id is not None
+        named = {a.span_id for a in item.assessments if a.span_id is not None}
+        if not named:
+            return None
+        stored, complete = self._writer.span_ids(item.trace_id)
+        missing = sorted(named - stored)
+        if not missing:
+            return None
+        message = f"span_id {missing[0]!r} is not a span of trace {item.trace_id!r}"
+        if complete:
+            raise Refused(422, message, "span_id")
+        outcome = self._not_found(item)
+        if outcome == NOT_FOUND:
+            item.last_error = message
+        return outcome
+
+    def _session_target(self, item: Item, facts: TraceFacts) -> tuple[str, TraceFacts, list[Assessment]]:
+        """Where a session-wide vote goes: the first trace of the named trace's session (as MLflow's multi-turn
+        evaluation stores session-level assessments), with the session in each assessment's metadata."""
+        assert item.trace_id is not None
+        session = facts.session
+        if not session:
+            raise Refused(422, "this answer belongs to no session (its request named none)", "scope")
+        if any(c in session for c in "'\\`"):
+            raise Refused(422, "this answer's session ID has quotes, so its session cannot be looked up", "scope")
+        assert facts.experiment_id is not None
+        target = self._writer.first_trace_of_session(facts.experiment_id, session) or item.trace_id
+        if target != item.trace_id:
+            facts = self._writer.trace_facts(target, item.id, item.source_id)
+        assessments = [
+            dataclasses.replace(a, metadata={**(a.metadata or {}), SESSION_KEY: session}) for a in item.assessments
+        ]
+        return target, facts, assessments
 
     def settle(self, item: Item, outcome: str) -> None:
         """Save an attempted item, schedule it again if it is still pending, and tell its request."""
@@ -376,6 +422,11 @@ class FeedbackDelivery:
             self._backend.start_resolving()
             raise ConnectionError("the MLflow experiment is not resolved yet")
         return self._writer.search_trace_id(experiment_id, client_request_id, self._backend.otlp)
+
+    def _refused(self, item: Item, refused: Refused) -> str:
+        item.state, item.last_error = FAILED, refused.message
+        item.refusal = (refused.status, refused.message, refused.field)
+        return REFUSED
 
     def _not_found(self, item: Item) -> str:
         now = time.time()

@@ -92,7 +92,7 @@ class Item:
     created_at: float = field(default_factory=time.time)
     not_found_since: float | None = None
     last_error: str | None = None
-    refusal: tuple[int, str] | None = None  # why the item names no trustworthy request (not stored)
+    refusal: tuple[int, str, str] | None = None  # status, why, field: the item names nothing it may vote on
 
     def to_public(self) -> dict[str, Any]:
         """What the status route shows of the item."""
@@ -404,7 +404,7 @@ class Outbox:
 
 
 def _assessment_json(a: Assessment) -> dict[str, Any]:
-    return {"name": a.name, "value": a.value, "rationale": a.rationale, "metadata": a.metadata}
+    return {"name": a.name, "value": a.value, "rationale": a.rationale, "metadata": a.metadata, "span_id": a.span_id}
 
 
 def _item(row: sqlite3.Row) -> Item:

@@ -14,6 +14,7 @@ left (`intake.models.retraction`). Figures skip it (`is_retraction`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracing.client import TracingClient
 
 from .._mlflow.tracing import CLIENT_REQUEST_ID_TAG, REQUEST_ID_SOURCE_TAG
-from ..intake.models import Assessment
+from ..intake.models import SESSION_KEY, Assessment, vote_key
 
 FEEDBACK_ID_KEY = "mlflow_feedback.feedback_id"
 CAST_AT_KEY = "mlflow_feedback.cast_at_ms"  # when the voter cast it: a later-delivered older vote never wins
@@ -38,12 +39,14 @@ AMBIGUOUS = "client_request_id names more than one request; send the trace_id in
 
 
 class Refused(Exception):
-    """The feedback names its request in a way that cannot be trusted: answered `status` (403, 409)."""
+    """The feedback names its request in a way that cannot be trusted, or a step or session it does not have:
+    answered `status` (403, 409, 422), naming `field`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, field: str = "client_request_id") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.field = field
 
 
 def classify(exc: BaseException) -> str:
@@ -78,6 +81,7 @@ def log_feedback(trace_id: str, assessment: Assessment, source_id: str, feedback
         rationale=assessment.rationale,
         metadata=_metadata(assessment, feedback_id, index),
         source=AssessmentSource(source_type="HUMAN", source_id=source_id),
+        span_id=assessment.span_id,
     )
     return feedback.assessment_id
 
@@ -93,6 +97,7 @@ def override_feedback(
         rationale=assessment.rationale,
         metadata=_metadata(assessment, feedback_id, index),
         source=AssessmentSource(source_type="HUMAN", source_id=source_id),
+        span_id=assessment.span_id,
         overrides=earlier_id,
     )
     return mlflow.log_assessment(trace_id, feedback).assessment_id
@@ -104,8 +109,9 @@ class TraceFacts:
 
     experiment_id: str | None
     written: dict[int, str | None] = field(default_factory=dict)  # index in the item -> assessment ID
-    # name -> the user's valid assessment ID, and when that vote was cast (ms; None when not recorded)
-    earlier_votes: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    # `vote_key` -> the user's valid assessment ID, and when that vote was cast (ms; None when not recorded)
+    earlier_votes: dict[tuple[str, str, str], tuple[str, int | None]] = field(default_factory=dict)
+    session: str | None = None  # the session the trace belongs to (its metadata)
 
 
 def trace_facts(trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
@@ -114,7 +120,7 @@ def trace_facts(trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
     # From the tracking store itself: TracingClient.get_trace_info answers from MLflow's in-memory buffer while the
     # trace is held there, and that copy never has the votes already stored on the server.
     info = TracingClient().store.get_trace_info(trace_id)
-    facts = TraceFacts(info.experiment_id)
+    facts = TraceFacts(info.experiment_id, session=(info.trace_metadata or {}).get(SESSION_KEY))
     for assessment in info.assessments or ():
         item, _, index = (assessment.metadata or {}).get(FEEDBACK_ID_KEY, "").partition("/")
         if item == feedback_id and index.isascii() and index.isdigit():
@@ -127,8 +133,35 @@ def trace_facts(trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
             and assessment.source.source_id == source_id
         ):
             cast = (assessment.metadata or {}).get(CAST_AT_KEY, "")
-            facts.earlier_votes[assessment.name] = (assessment.assessment_id, int(cast) if cast.isdigit() else None)
+            key = vote_key(assessment.name, assessment.span_id, assessment.metadata)
+            facts.earlier_votes[key] = (assessment.assessment_id, int(cast) if cast.isdigit() else None)
     return facts
+
+
+def first_trace_of_session(experiment_id: str, session_id: str) -> str | None:
+    """The session's first trace in the experiment (where MLflow's multi-turn evaluation stores session-level
+    assessments), or None. The caller has checked that the ID has no quote or backslash."""
+    traces = mlflow.search_traces(
+        locations=[experiment_id],
+        filter_string=f"metadata.`{SESSION_KEY}` = '{session_id}'",
+        order_by=["timestamp_ms ASC"],
+        max_results=1,
+        return_type="list",
+        include_spans=False,
+    )
+    return traces[0].info.trace_id if traces else None
+
+
+def span_ids(trace_id: str) -> tuple[set[str], bool]:
+    """The IDs of the trace's stored spans, and whether that is all of them (as far as its size stats say)."""
+    trace = TracingClient().get_trace(trace_id)
+    found = {span.span_id for span in trace.data.spans}
+    stats = (trace.info.trace_metadata or {}).get("mlflow.trace.sizeStats")
+    try:
+        expected = int(json.loads(stats)["num_spans"]) if stats else None
+    except (ValueError, KeyError, TypeError):
+        expected = None
+    return found, expected is not None and len(found) >= expected
 
 
 def trace_exists(trace_id: str) -> bool:
@@ -171,6 +204,10 @@ class FeedbackWriter(Protocol):
 
     def trace_exists(self, trace_id: str) -> bool: ...
 
+    def first_trace_of_session(self, experiment_id: str, session_id: str) -> str | None: ...
+
+    def span_ids(self, trace_id: str) -> tuple[set[str], bool]: ...
+
     def search_trace_id(self, experiment_id: str, client_request_id: str, by_tag: bool) -> str | None: ...
 
     def log_feedback(
@@ -187,6 +224,8 @@ class MlflowFeedbackWriter:
 
     trace_facts = staticmethod(trace_facts)
     trace_exists = staticmethod(trace_exists)
+    first_trace_of_session = staticmethod(first_trace_of_session)
+    span_ids = staticmethod(span_ids)
     search_trace_id = staticmethod(search_trace_id)
     log_feedback = staticmethod(log_feedback)
     override_feedback = staticmethod(override_feedback)

@@ -23,7 +23,7 @@ from typing import Any
 
 from mlflow.entities import Assessment, Trace
 
-from ..intake.models import RATING_PREFIX, SEED_FEEDBACK_NAME, is_retraction
+from ..intake.models import RATING_PREFIX, SEED_FEEDBACK_NAME, SESSION_KEY, is_retraction
 from ..intake.schema import FeedbackSchema
 
 PAGE_SIZE = 500  # the tracking server's largest page for trace searches
@@ -46,6 +46,8 @@ class Vote:
     rationale: str | None
     time_ms: int
     scale_max: float | None = None  # a rating's scale (stored value x scale_max = what the user gave)
+    span_id: str | None = None  # a vote on one step of the answer
+    session: str | None = None  # a vote on the whole session (stored on its first trace)
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,10 @@ class TracedRequest:
     route: str | None
     user: str | None
     session: str | None
-    votes: list[Vote] = field(default_factory=list)
+    votes: list[Vote] = field(default_factory=list)  # on the answer itself
     withdrawn: int = 0  # votes on it withdrawn by their voter (and not cast again)
+    step_votes: list[Vote] = field(default_factory=list)  # on one of its spans
+    session_votes: list[Vote] = field(default_factory=list)  # on its session (this is the session's first trace)
     judgements: list[Judgement] = field(default_factory=list)
 
 
@@ -92,8 +96,10 @@ def _human_votes(trace_id: str, assessments: Iterable[Assessment]) -> tuple[list
             withdrawn += 1
             continue
         user = a.source.source_id or ""
-        scale = _number((a.metadata or {}).get("rating_scale_max"))
-        votes.append(Vote(trace_id, a.name, a.feedback.value, user, a.rationale, a.create_time_ms or 0, scale))
+        metadata = a.metadata or {}
+        scale = _number(metadata.get("rating_scale_max"))
+        value, when, session = a.feedback.value, a.create_time_ms or 0, metadata.get(SESSION_KEY)
+        votes.append(Vote(trace_id, a.name, value, user, a.rationale, when, scale, a.span_id, session))
     return votes, withdrawn
 
 
@@ -126,8 +132,10 @@ def traced_request(trace: Trace) -> TracedRequest:
         route=(info.tags or {}).get(_ROUTE_TAG),
         user=metadata.get(_USER_KEY),
         session=metadata.get(_SESSION_KEY),
-        votes=votes,
+        votes=[v for v in votes if v.span_id is None and v.session is None],
         withdrawn=withdrawn,
+        step_votes=[v for v in votes if v.span_id is not None],
+        session_votes=[v for v in votes if v.session is not None and v.span_id is None],
         judgements=_judgements(info.assessments or ()),
     )
 
@@ -202,6 +210,8 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
     `ratings` are the `user_<dimension>` values as stored (0-1), and on the scale users gave them
     (`scale_max`, `mean_on_scale`, `distribution_on_scale`) when every vote of a dimension says its scale.
     With a `schema`, its binary fields and the polarity of its categorical choices say what is positive.
+    Votes on one step of an answer (`step_feedback`, per name) and on a whole session (`session_feedback`) are
+    counted apart from the votes on answers.
     """
     polarity_of = (lambda v: schema.polarity(v.name, v.value)) if schema is not None else is_positive
     total = with_feedback = positive = negative = withdrawn = 0
@@ -209,9 +219,15 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
     scales: dict[str, set[float | None]] = {}
     categories: dict[str, Counter[str]] = {}
     negative_comments: list[Vote] = []
+    steps: dict[str, Counter[str]] = {}
+    sessions: dict[str, Counter[str]] = {}
     for request in requests:
         total += 1
         withdrawn += request.withdrawn
+        for vote in request.step_votes:
+            _tally(steps.setdefault(vote.name, Counter()), polarity_of(vote))
+        for vote in request.session_votes:
+            _tally(sessions.setdefault(vote.session or "", Counter()), polarity_of(vote))
         if not request.votes:
             continue
         with_feedback += 1
@@ -239,6 +255,15 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
         "negative_count": negative,
         "thumbs_positive_rate": positive / (positive + negative) * 100 if positive + negative else 0,
         "withdrawn_count": withdrawn,
+        "step_feedback": {
+            name: {key: counts[key] for key in ("count", "positive_count", "negative_count")}
+            for name, counts in sorted(steps.items())
+        },
+        "session_feedback": {
+            "sessions_with_feedback": len(sessions),
+            "positive_count": sum(c["positive_count"] for c in sessions.values()),
+            "negative_count": sum(c["negative_count"] for c in sessions.values()),
+        },
         "ratings": {
             dimension: _rating_stats(values, _one(scales[dimension])) for dimension, values in sorted(ratings.items())
         },
@@ -248,6 +273,12 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
             for v in negative_comments[:LATEST_COMMENTS]
         ],
     }
+
+
+def _tally(counts: Counter[str], polarity: bool | None) -> None:
+    counts["count"] += 1
+    if polarity is not None:
+        counts["positive_count" if polarity else "negative_count"] += 1
 
 
 def group_key(request: TracedRequest, by: str) -> str:

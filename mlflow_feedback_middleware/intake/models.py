@@ -8,6 +8,10 @@ Three shapes, combinable in one request:
   ``user_<dimension>`` normalised to 0-1 (rating / scale maximum, as the seed does), the raw rating kept
   in metadata.
 
+Feedback is on the whole answer (its trace) by default; ``"span_id"`` puts it on one step of it (a retrieved
+document, a tool call), ``"scope": "session"`` on the whole conversation the answer belongs to (stored on the
+session's first trace, where MLflow's multi-turn evaluation keeps session-level assessments).
+
 Or, alone, ``{"retract": true}`` / ``{"retract": ["user_feedback", "user_accuracy"]}``: withdraw the voter's
 votes of those stored names (``user_feedback`` when ``true``).
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -41,6 +45,8 @@ MAX_ITEMS = 50
 SEED_FEEDBACK_NAME = "user_feedback"
 RATING_PREFIX = "user_"
 RETRACTED_KEY = "mlflow_feedback.retracted"
+SCOPE_KEY = "mlflow_feedback.scope"  # "session": to be stored on the session's first trace
+SESSION_KEY = "mlflow.trace.session"  # MLflow's: a trace's session, and a session-level assessment's
 
 _VOTE_FIELDS = ("is_correct", "comment", "name", "value", "rationale", "metadata", "ratings")
 _TRUE = {True, "1", "true", "up", "yes", "👍"}
@@ -75,6 +81,12 @@ class FeedbackRequest(BaseModel):
 
     trace_id: StrictStr | None = None
     client_request_id: StrictStr | None = None
+    span_id: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{16}$")] | None = Field(
+        None, description="Feedback on one step of the answer: the span's ID (16 hex digits), a span of the trace."
+    )
+    scope: Literal["trace", "session"] = Field(
+        "trace", description="`session`: feedback on the whole conversation the answer belongs to."
+    )
     is_correct: bool | None = Field(
         None, description='Thumbs up or down: true/false, 1/0, "up"/"down" or "👍"/"👎"; the seed\'s shape.'
     )
@@ -130,6 +142,8 @@ class FeedbackRequest(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self) -> FeedbackRequest:
+        if self.span_id is not None and self.scope == "session":
+            raise ValueError("'span_id' names a step of one answer; a session-wide vote takes none")
         if self.retract is not None:
             given = [name for name in _VOTE_FIELDS if getattr(self, name) is not None]
             if given:
@@ -171,6 +185,21 @@ class Assessment:
     value: Any
     rationale: str | None = None
     metadata: dict[str, str] | None = None
+    span_id: str | None = None  # feedback on one span of the trace
+
+
+def targeted(assessments: list[Assessment], request: FeedbackRequest) -> list[Assessment]:
+    """`assessments` aimed where the request says: at its span, or at its session (marked for delivery)."""
+    if request.span_id is not None:
+        return [dataclasses.replace(a, span_id=request.span_id) for a in assessments]
+    if request.scope == "session":
+        return [dataclasses.replace(a, metadata={**(a.metadata or {}), SCOPE_KEY: "session"}) for a in assessments]
+    return assessments
+
+
+def vote_key(name: str, span_id: str | None, metadata: dict[str, str] | None) -> tuple[str, str, str]:
+    """What one voter has one vote on: a name, on the answer, one of its spans, or its session."""
+    return name, span_id or "", (metadata or {}).get(SESSION_KEY, "")
 
 
 def retraction(name: str) -> Assessment:

@@ -18,8 +18,8 @@ from mlflow_feedback_middleware.delivery import feedback_delivery as delivery_mo
 from mlflow_feedback_middleware.delivery.feedback_delivery import WAITING, FeedbackDelivery
 from mlflow_feedback_middleware.delivery.outbox import DELIVERED, FAILED, PENDING, Item, Outbox
 from mlflow_feedback_middleware.delivery.registry import RecentTraces
-from mlflow_feedback_middleware.delivery.writer import NOT_FOUND, REJECTED, UNAVAILABLE, TraceFacts
-from mlflow_feedback_middleware.intake.models import Assessment, retraction
+from mlflow_feedback_middleware.delivery.writer import NOT_FOUND, REFUSED, REJECTED, UNAVAILABLE, TraceFacts
+from mlflow_feedback_middleware.intake.models import SESSION_KEY, Assessment, FeedbackRequest, retraction, targeted
 
 TRACE = "tr-" + "a" * 32
 
@@ -33,8 +33,11 @@ class FakeWriter:
     """The tracking store as delivery sees it: facts per trace, and every write recorded."""
 
     facts: dict[str, TraceFacts] = field(default_factory=dict)
+    spans: dict[str, tuple[set[str], bool]] = field(default_factory=dict)  # trace -> span IDs, all stored
+    sessions: dict[str, str] = field(default_factory=dict)  # session -> its first trace
     fail_with: BaseException | None = None  # raised by the next write
     writes: list[tuple[str, str, Any]] = field(default_factory=list)
+    written: list[Assessment] = field(default_factory=list)
 
     def trace_facts(self, trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
         if trace_id not in self.facts:
@@ -47,11 +50,18 @@ class FakeWriter:
     def search_trace_id(self, experiment_id: str, client_request_id: str, by_tag: bool) -> str | None:
         return None
 
+    def first_trace_of_session(self, experiment_id: str, session_id: str) -> str | None:
+        return self.sessions.get(session_id)
+
+    def span_ids(self, trace_id: str) -> tuple[set[str], bool]:
+        return self.spans.get(trace_id, (set(), False))
+
     def _write(self, kind: str, trace_id: str, assessment: Assessment) -> str:
         if self.fail_with is not None:
             error, self.fail_with = self.fail_with, None
             raise error
         self.writes.append((kind, trace_id, assessment.value))
+        self.written.append(assessment)
         return f"a-{len(self.writes)}"
 
     def log_feedback(self, trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int) -> str:
@@ -100,7 +110,7 @@ def test_an_item_is_written_and_delivered(server_up: list[str | None]) -> None:
 
 
 def test_a_voters_second_vote_overrides_the_first(server_up: list[str | None]) -> None:
-    writer = FakeWriter({TRACE: TraceFacts("1", earlier_votes={"name0": ("a-old", None)})})
+    writer = FakeWriter({TRACE: TraceFacts("1", earlier_votes={("name0", "", ""): ("a-old", None)})})
     assert delivery(writer).attempt(item(False)) == DELIVERED
     assert writer.writes == [("override", TRACE, False)]
 
@@ -193,7 +203,7 @@ def test_an_older_vote_delivered_after_a_newer_one_does_not_win(server_up: list[
     newer = item(False)
     older = item(True)
     older.created_at = newer.created_at - 5
-    stored = TraceFacts("1", earlier_votes={"name0": ("a-newer", int(newer.created_at * 1000))})
+    stored = TraceFacts("1", earlier_votes={("name0", "", ""): ("a-newer", int(newer.created_at * 1000))})
     writer = FakeWriter({TRACE: stored})
     assert delivery(writer).attempt(older) == DELIVERED
     assert writer.writes == [] and older.assessment_ids == ["a-newer"]
@@ -210,7 +220,9 @@ def test_a_retraction_overrides_the_vote_and_outranks_an_older_vote_delivered_la
     vote = item(True)
     withdraw = Item("test", TRACE, None, "ann", [retraction("name0")], True)
     withdraw.created_at = vote.created_at + 2
-    writer = FakeWriter({TRACE: TraceFacts("1", earlier_votes={"name0": ("a-vote", int(vote.created_at * 1000))})})
+    writer = FakeWriter(
+        {TRACE: TraceFacts("1", earlier_votes={("name0", "", ""): ("a-vote", int(vote.created_at * 1000))})}
+    )
     assert delivery(writer).attempt(withdraw) == DELIVERED and writer.writes == [("override", TRACE, None)]
 
     # Out of order: the retraction is stored first (with nothing to override), the vote arrives later.
@@ -218,6 +230,60 @@ def test_a_retraction_overrides_the_vote_and_outranks_an_older_vote_delivered_la
     withdraw.created_at = vote.created_at + 2
     writer = FakeWriter({TRACE: TraceFacts("1")})
     assert delivery(writer).attempt(withdraw) == DELIVERED and writer.writes == [("log", TRACE, None)]
-    writer.facts[TRACE] = TraceFacts("1", earlier_votes={"name0": ("a-1", int(withdraw.created_at * 1000))})
+    writer.facts[TRACE] = TraceFacts("1", earlier_votes={("name0", "", ""): ("a-1", int(withdraw.created_at * 1000))})
     assert delivery(writer).attempt(vote) == DELIVERED
     assert writer.writes == [("log", TRACE, None)] and vote.assessment_ids == ["a-1"]
+
+
+SPAN = "00f067aa0ba902b7"
+
+
+def test_a_vote_on_a_span_is_checked_against_the_traces_spans(server_up: list[str | None]) -> None:
+    """A span of the trace: written with its span ID. A span still on its way: waited for. Not a span of a
+    trace whose spans are all stored: refused, naming span_id, before anything is written."""
+    on_span = Item("test", TRACE, None, "ann", [Assessment("helpful_doc", False, span_id=SPAN)], True)
+    writer = FakeWriter({TRACE: TraceFacts("1")}, spans={TRACE: ({SPAN}, True)})
+    assert delivery(writer).attempt(on_span) == DELIVERED and writer.written[0].span_id == SPAN
+
+    later = Item("test", TRACE, None, "ann", [Assessment("helpful_doc", False, span_id=SPAN)], True)
+    writer = FakeWriter({TRACE: TraceFacts("1")}, spans={TRACE: (set(), False)})
+    assert delivery(writer).attempt(later) == WAITING and writer.writes == []
+
+    invented = Item("test", TRACE, None, "ann", [Assessment("helpful_doc", False, span_id="1" * 16)], True)
+    writer = FakeWriter({TRACE: TraceFacts("1")}, spans={TRACE: ({SPAN}, True)})
+    assert delivery(writer).attempt(invented) == REFUSED and writer.writes == []
+    assert invented.refusal is not None and invented.refusal[0] == 422 and invented.refusal[2] == "span_id"
+
+
+def test_one_vote_per_span_and_per_answer(server_up: list[str | None]) -> None:
+    """A vote of the same name on the answer and on one of its spans are two votes, not one changed."""
+    on_answer = TraceFacts("1", earlier_votes={("helpful", "", ""): ("a-answer", None)})
+    writer = FakeWriter({TRACE: on_answer}, spans={TRACE: ({SPAN}, True)})
+    vote = Item("test", TRACE, None, "ann", [Assessment("helpful", False, span_id=SPAN)], True)
+    assert delivery(writer).attempt(vote) == DELIVERED and writer.writes == [("log", TRACE, False)]
+
+
+def test_a_session_vote_goes_to_the_sessions_first_trace(server_up: list[str | None]) -> None:
+    """Named by its third turn's trace; stored on the first turn's trace with the session in its metadata, beside
+    (not instead of) the voter's vote on that first answer."""
+    first, third = "tr-" + "1" * 32, TRACE
+    writer = FakeWriter(
+        {
+            third: TraceFacts("1", session="chat-42"),
+            first: TraceFacts("1", session="chat-42", earlier_votes={("user_feedback", "", ""): ("a-turn", None)}),
+        },
+        sessions={"chat-42": first},
+    )
+    vote = Item("test", third, None, "ann", targeted([Assessment("user_feedback", True)], session_request()), True)
+    assert delivery(writer).attempt(vote) == DELIVERED
+    assert writer.writes == [("log", first, True)]
+    assert writer.written[0].metadata is not None and writer.written[0].metadata[SESSION_KEY] == "chat-42"
+
+    no_session = Item("test", first, None, "ann", vote.assessments, True)
+    writer = FakeWriter({first: TraceFacts("1")})
+    assert delivery(writer).attempt(no_session) == REFUSED and no_session.refusal is not None
+    assert no_session.refusal[2] == "scope" and writer.writes == []
+
+
+def session_request() -> FeedbackRequest:
+    return FeedbackRequest(trace_id=TRACE, is_correct=True, scope="session")
