@@ -29,7 +29,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from mlflow_feedback_middleware import MlflowFeedbackMiddleware, get_trace_id
+from mlflow_feedback_middleware import IMPLICIT_SIGNALS, Binary, FeedbackSchema, MlflowFeedbackMiddleware, get_trace_id
 
 HERE = Path(__file__).resolve().parent
 TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{HERE / 'mlflow.db'}")
@@ -57,6 +57,8 @@ app.add_middleware(
     # Signed feedback tokens, so only the browser that got an answer can rate it. A real service sets
     # MLFLOW_FEEDBACK_SECRET (shared by its replicas); a fresh one per start is enough for the demo.
     feedback_secret=os.environ.get("MLFLOW_FEEDBACK_SECRET") or secrets.token_hex(32),
+    # The thumbs, and the implicit signals the page reports: copied, regenerated, edited, stopped, left.
+    feedback_schema=FeedbackSchema(Binary(), *IMPLICIT_SIGNALS),
 )
 
 

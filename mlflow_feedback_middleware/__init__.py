@@ -10,7 +10,7 @@ from .intake.identity import AuthenticatedUserOrHeader, IdentityResolver
 from .intake.limits import FeedbackLimits, RateLimit
 from .intake.models import FeedbackRequest
 from .intake.openapi import document_feedback_routes
-from .intake.schema import Binary, Categorical, Choice, FeedbackSchema, Scale, Text
+from .intake.schema import IMPLICIT_SIGNALS, Binary, Categorical, Choice, FeedbackSchema, Scale, Signal, Text
 from .intake.scrubbing import scrub_personal_data
 from .intake.tokens import FeedbackGrant, FeedbackTokens, TokenError
 from .middleware import MlflowFeedbackMiddleware
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_EXCLUDE_PATHS",
     "DEFAULT_REDACT_FIELDS",
+    "IMPLICIT_SIGNALS",
     "AuthenticatedUserOrHeader",
     "Binary",
     "Categorical",
@@ -33,6 +34,7 @@ __all__ = [
     "MlflowFeedbackMiddleware",
     "RateLimit",
     "Scale",
+    "Signal",
     "Text",
     "TokenError",
     "TraceIdLogFilter",

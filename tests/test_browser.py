@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from mlflow_feedback_middleware.intake.models import is_retraction
+from mlflow_feedback_middleware.insight.report import build_report, search_requests
+from mlflow_feedback_middleware.intake.models import SIGNAL_KEY, is_retraction
 
 from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, answers, chromium_or_skip, get_trace, launch, wait_until
 
@@ -147,6 +148,90 @@ def test_the_demo_page_collects_feedback_in_chromium(demo_app: str, browser: Any
     assert [v.value for v in human_votes(trace_id_of(offline), 1)] == [True]
     assert len(human_votes(trace_id_of(doubled), 1)) == 1  # two clicks, one vote, and no second one queued
     context.close()
+
+
+def signals_on(trace_id: str, count: int) -> list[tuple[str, Any]]:
+    """The implicit signals stored on a trace, once there are `count` of them."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = [
+            (a.name, a.value)
+            for a in get_trace(trace_id).info.assessments
+            if a.source.source_type == "HUMAN" and SIGNAL_KEY in (a.metadata or {})
+        ]
+        if len(found) >= count or time.monotonic() > deadline:
+            return sorted(found)
+        time.sleep(0.3)
+
+
+def test_the_demo_page_reports_what_users_do_in_chromium(demo_app: str, browser: Any, experiment_name: str) -> None:
+    """Copy an answer (twice), regenerate one, edit and resend a question, stop a stream, leave one answer
+    unrated and leave the page: each is one signal on its answer, and the report counts them against the
+    traced requests."""
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(demo_app)
+
+    copied = ask(page, "tell me about mlflow", stream=False)
+    for _ in range(2):  # copied twice: one signal
+        copied.locator(".answer").click(click_count=3)  # select the answer's text
+        page.keyboard.press("Control+C")
+    copied.locator("button[aria-label='Good answer']").click()
+    copied.locator(".mlflow-feedback-status", has_text="Thanks").wait_for()
+
+    regenerated = ask(page, "how does feedback work", stream=False)
+    regenerated_id = trace_id_of(regenerated)  # before a second turn asks the same question
+    regenerated.locator(".regenerate").click()
+    again = page.locator(".turn", has=page.locator(".question", has_text="how does feedback work")).first
+    again.locator("button[aria-label='Good answer']:not([disabled])").wait_for()
+    again.locator("button[aria-label='Bad answer']").click()  # the new answer gets a vote, so it is not "left"
+    again.locator(".mlflow-feedback-status", has_text="Thanks").wait_for()
+
+    edited = ask(page, "what is a trace", stream=False)
+    edited.locator(".edit").click()
+    page.fill("#message", "what is an MLflow trace")
+    page.click("#ask button[type=submit]")
+    rewritten = page.locator(".turn", has=page.locator(".question", has_text="what is an MLflow trace"))
+    rewritten.locator("button[aria-label='Good answer']:not([disabled])").wait_for()
+
+    page.set_checked("#stream", True)
+    long_question = "please explain " + " ".join(f"point{i}" for i in range(80))
+    page.fill("#message", long_question)
+    page.click("#ask button[type=submit]")
+    stopped = page.locator(".turn", has=page.locator(".question", has_text="point79"))
+    stopped.locator(".stop:not([hidden])").wait_for()
+    stopped.locator(".answer", has_text="You").wait_for()  # the first tokens are in
+    stopped.locator(".stop").click()
+    stopped.locator(".answer", has_text="[stopped]").wait_for()
+
+    trace_ids = {
+        name: trace_id_of(turn) for name, turn in (("copied", copied), ("edited", edited), ("stopped", stopped))
+    }
+    trace_ids["regenerated"] = regenerated_id
+    trace_ids["rewritten"] = trace_id_of(rewritten)  # answered, not reacted to: "left" when the page goes
+    assert errors == []
+    page.goto("about:blank")  # leave the page: unreacted answers are reported with keepalive requests
+    context.close()
+
+    assert signals_on(trace_ids["copied"], 1) == [("copied_answer", True)]
+    assert signals_on(trace_ids["regenerated"], 1) == [("regenerated", True)]
+    assert signals_on(trace_ids["edited"], 1) == [("edited_question", True)]
+    assert signals_on(trace_ids["stopped"], 1) == [("stopped_stream", True)]
+    assert signals_on(trace_ids["rewritten"], 1) == [("left_without_reacting", True)]
+    wait_until(lambda: httpx.get(demo_app + "/feedback/health").json()["outbox"]["pending"] == 0, 60, "drained")
+    assert signals_on(trace_ids["copied"], 2) == [("copied_answer", True)]  # and never a second one
+
+    experiment_id = get_trace(trace_ids["copied"]).info.experiment_id
+    report = build_report(search_requests(experiment_id))
+    traced = report["total_traces"]
+    assert traced == 6  # six answers: the regenerated one's second answer included
+    assert report["signals"] == {
+        name: {"count": 1, "rate": pytest.approx(100 / traced)}
+        for name in ("copied_answer", "edited_question", "left_without_reacting", "regenerated", "stopped_stream")
+    }
+    assert (report["traces_with_feedback"], report["positive_count"], report["negative_count"]) == (2, 1, 1)
 
 
 def test_the_client_is_served_as_a_module(demo_app: str) -> None:

@@ -70,6 +70,7 @@ async def test_the_route_validates_and_normalises_against_the_schema(experiment_
     app = build_app(experiment_name=experiment_name, feedback_schema=str(tmp_path / "feedback.toml"), rate_limit=None)
     async with client_for(app) as client:
         schema = (await client.get("/feedback/schema")).json()
+        assert schema["declared"] is True  # what the browser client reads before it draws the scales
         assert [f["name"] for f in schema["feedback"]] == [
             "user_feedback",
             "accuracy",

@@ -34,6 +34,7 @@ from ..intake.limits import RateLimiter
 from ..intake.models import (
     Assessment,
     FeedbackRequest,
+    SignalsNotDeclared,
     limit_violations,
     retracted_names,
     retraction,
@@ -190,7 +191,11 @@ class FeedbackRoutes:
             response = Response(_client_js(), media_type="text/javascript; charset=utf-8")
             response.headers["Cache-Control"] = "public, max-age=300"
         elif path == self._prefix + "schema" and request.method == "GET":
-            schema = self._schema.to_dict() if self._schema else default_schema(self._settings.rating_scale)
+            schema = (
+                {**self._schema.to_dict(), "declared": True}
+                if self._schema
+                else default_schema(self._settings.rating_scale)
+            )
             response = JSONResponse(schema)
         elif _FEEDBACK_ID.fullmatch(path[len(self._prefix) :]) and request.method == "GET":
             item = await asyncio.to_thread(self._delivery.outbox.get, path[len(self._prefix) :])
@@ -322,6 +327,8 @@ class FeedbackRoutes:
                 assessments = to_assessments(feedback, self._settings.rating_scale[1])
         except SchemaError as exc:
             raise _invalid([(exc.field, exc.message)]) from None
+        except SignalsNotDeclared as exc:
+            raise _invalid([("signal", str(exc))]) from None
         scrubber = self._settings.comment_scrubber
         if scrubber is None:
             return assessments

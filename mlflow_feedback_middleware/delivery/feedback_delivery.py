@@ -28,7 +28,7 @@ from .._mlflow.export import flush_exports
 from .._mlflow.server_watch import ServerWatch
 from .._mlflow.trace_spool import current_spool
 from .._mlflow.tracing import MlflowBackend
-from ..intake.models import SCOPE_KEY, SESSION_KEY, Assessment, vote_key
+from ..intake.models import SCOPE_KEY, SESSION_KEY, SIGNAL_KEY, Assessment, vote_key
 from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
 from .registry import RecentTraces
 from .writer import (
@@ -280,9 +280,11 @@ class FeedbackDelivery:
             assessment_id = facts.written.get(index)
             earlier = facts.earlier_votes.get(vote_key(assessment.name, assessment.span_id, assessment.metadata))
             if assessment_id is None and earlier is not None:  # one vote per user, name and target
-                earlier_id, earlier_cast = earlier
+                earlier_id, earlier_cast, withdrawn = earlier
                 if earlier_cast is not None and earlier_cast > cast_at:
                     assessment_id = earlier_id  # the voter's newer vote is stored already: this one is superseded
+                elif SIGNAL_KEY in (assessment.metadata or {}) and not withdrawn:
+                    assessment_id = earlier_id  # a signal already given (copied twice): no news, no new history
                 else:
                     assessment_id = self._writer.override_feedback(
                         target, earlier_id, assessment, item.source_id, item.id, index

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import mlflow
 from mlflow.entities import AssessmentSource, Feedback
@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracing.client import TracingClient
 
 from .._mlflow.tracing import CLIENT_REQUEST_ID_TAG, REQUEST_ID_SOURCE_TAG
-from ..intake.models import SESSION_KEY, Assessment, vote_key
+from ..intake.models import SESSION_KEY, Assessment, is_retraction, vote_key
 
 FEEDBACK_ID_KEY = "mlflow_feedback.feedback_id"
 CAST_AT_KEY = "mlflow_feedback.cast_at_ms"  # when the voter cast it: a later-delivered older vote never wins
@@ -103,14 +103,22 @@ def override_feedback(
     return mlflow.log_assessment(trace_id, feedback).assessment_id
 
 
+class EarlierVote(NamedTuple):
+    """A voter's current assessment of one `vote_key` on a trace."""
+
+    assessment_id: str
+    cast_at: int | None  # when the voter cast it (ms); None when not recorded
+    retraction: bool = False  # a withdrawn vote
+
+
 @dataclass
 class TraceFacts:
     """What delivery needs to know of a trace before writing an item's assessments on it."""
 
     experiment_id: str | None
     written: dict[int, str | None] = field(default_factory=dict)  # index in the item -> assessment ID
-    # `vote_key` -> the user's valid assessment ID, and when that vote was cast (ms; None when not recorded)
-    earlier_votes: dict[tuple[str, str, str], tuple[str, int | None]] = field(default_factory=dict)
+    # `vote_key` -> the user's current (valid) assessment
+    earlier_votes: dict[tuple[str, str, str], EarlierVote] = field(default_factory=dict)
     session: str | None = None  # the session the trace belongs to (its metadata)
 
 
@@ -134,7 +142,9 @@ def trace_facts(trace_id: str, feedback_id: str, source_id: str) -> TraceFacts:
         ):
             cast = (assessment.metadata or {}).get(CAST_AT_KEY, "")
             key = vote_key(assessment.name, assessment.span_id, assessment.metadata)
-            facts.earlier_votes[key] = (assessment.assessment_id, int(cast) if cast.isdigit() else None)
+            facts.earlier_votes[key] = EarlierVote(
+                assessment.assessment_id, int(cast) if cast.isdigit() else None, is_retraction(assessment.metadata)
+            )
     return facts
 
 

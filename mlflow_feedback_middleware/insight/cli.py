@@ -106,6 +106,8 @@ def format_table(report: dict[str, Any]) -> str:
     )
     if report.get("withdrawn_count"):
         out.write(f"  withdrawn votes       {report['withdrawn_count']}  (not counted above)\n")
+    for name, signal in report.get("signals", {}).items():
+        out.write(f"  {name:<21} {signal['count']}  ({_percent(signal['rate'])} of traced requests)\n")
     if report["ratings"]:
         out.write("\nRatings\n")
         for dimension, stats in report["ratings"].items():

@@ -23,7 +23,7 @@ from typing import Any
 
 from mlflow.entities import Assessment, Trace
 
-from ..intake.models import RATING_PREFIX, SEED_FEEDBACK_NAME, SESSION_KEY, is_retraction
+from ..intake.models import RATING_PREFIX, SEED_FEEDBACK_NAME, SESSION_KEY, SIGNAL_KEY, is_retraction
 from ..intake.schema import FeedbackSchema
 
 PAGE_SIZE = 500  # the tracking server's largest page for trace searches
@@ -48,6 +48,7 @@ class Vote:
     scale_max: float | None = None  # a rating's scale (stored value x scale_max = what the user gave)
     span_id: str | None = None  # a vote on one step of the answer
     session: str | None = None  # a vote on the whole session (stored on its first trace)
+    signal: bool = False  # an implicit signal (something the user did), not a vote
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class TracedRequest:
     withdrawn: int = 0  # votes on it withdrawn by their voter (and not cast again)
     step_votes: list[Vote] = field(default_factory=list)  # on one of its spans
     session_votes: list[Vote] = field(default_factory=list)  # on its session (this is the session's first trace)
+    signals: list[Vote] = field(default_factory=list)  # implicit: what its user did (copied it, asked again)
     judgements: list[Judgement] = field(default_factory=list)
 
 
@@ -99,7 +101,8 @@ def _human_votes(trace_id: str, assessments: Iterable[Assessment]) -> tuple[list
         metadata = a.metadata or {}
         scale = _number(metadata.get("rating_scale_max"))
         value, when, session = a.feedback.value, a.create_time_ms or 0, metadata.get(SESSION_KEY)
-        votes.append(Vote(trace_id, a.name, value, user, a.rationale, when, scale, a.span_id, session))
+        signal = SIGNAL_KEY in metadata
+        votes.append(Vote(trace_id, a.name, value, user, a.rationale, when, scale, a.span_id, session, signal))
     return votes, withdrawn
 
 
@@ -132,10 +135,11 @@ def traced_request(trace: Trace) -> TracedRequest:
         route=(info.tags or {}).get(_ROUTE_TAG),
         user=metadata.get(_USER_KEY),
         session=metadata.get(_SESSION_KEY),
-        votes=[v for v in votes if v.span_id is None and v.session is None],
+        votes=[v for v in votes if v.span_id is None and v.session is None and not v.signal],
         withdrawn=withdrawn,
-        step_votes=[v for v in votes if v.span_id is not None],
-        session_votes=[v for v in votes if v.session is not None and v.span_id is None],
+        step_votes=[v for v in votes if v.span_id is not None and not v.signal],
+        session_votes=[v for v in votes if v.session is not None and v.span_id is None and not v.signal],
+        signals=[v for v in votes if v.signal and v.span_id is None and v.session is None],
         judgements=_judgements(info.assessments or ()),
     )
 
@@ -211,7 +215,8 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
     (`scale_max`, `mean_on_scale`, `distribution_on_scale`) when every vote of a dimension says its scale.
     With a `schema`, its binary fields and the polarity of its categorical choices say what is positive.
     Votes on one step of an answer (`step_feedback`, per name) and on a whole session (`session_feedback`) are
-    counted apart from the votes on answers.
+    counted apart from the votes on answers, and so are implicit signals: `signals` gives, per signal, the
+    requests where a user gave it and their share of all traced requests (copy rate, regenerate rate).
     """
     polarity_of = (lambda v: schema.polarity(v.name, v.value)) if schema is not None else is_positive
     total = with_feedback = positive = negative = withdrawn = 0
@@ -221,9 +226,11 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
     negative_comments: list[Vote] = []
     steps: dict[str, Counter[str]] = {}
     sessions: dict[str, Counter[str]] = {}
+    signals: Counter[str] = Counter()
     for request in requests:
         total += 1
         withdrawn += request.withdrawn
+        signals.update({vote.name for vote in request.signals})
         for vote in request.step_votes:
             _tally(steps.setdefault(vote.name, Counter()), polarity_of(vote))
         for vote in request.session_votes:
@@ -259,6 +266,7 @@ def summarize(requests: Iterable[TracedRequest], schema: FeedbackSchema | None =
             name: {key: counts[key] for key in ("count", "positive_count", "negative_count")}
             for name, counts in sorted(steps.items())
         },
+        "signals": {name: {"count": count, "rate": count / total * 100} for name, count in sorted(signals.items())},
         "session_feedback": {
             "sessions_with_feedback": len(sessions),
             "positive_count": sum(c["positive_count"] for c in sessions.values()),

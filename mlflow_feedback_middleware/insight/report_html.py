@@ -140,6 +140,8 @@ def render_html(report: dict[str, Any], timeline: dict[str, dict[str, Any]], by:
     ]
     if report.get("withdrawn_count"):
         rows.append(("Withdrawn votes", report["withdrawn_count"], "votes their users took back; not counted above"))
+    for name, signal in report.get("signals", {}).items():
+        rows.append((name, f"{signal['rate']:.1f}% ({signal['count']})", "implicit signal, of all traced requests"))
     body = [
         f"<h1>{_esc(title)}</h1>",
         f"<p>{_esc(window.get('since') or 'start')} → {_esc(window.get('until') or 'now')}</p>",

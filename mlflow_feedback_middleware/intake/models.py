@@ -46,6 +46,7 @@ SEED_FEEDBACK_NAME = "user_feedback"
 RATING_PREFIX = "user_"
 RETRACTED_KEY = "mlflow_feedback.retracted"
 SCOPE_KEY = "mlflow_feedback.scope"  # "session": to be stored on the session's first trace
+SIGNAL_KEY = "mlflow_feedback.signal"  # an implicit signal (something the user did), not a vote
 SESSION_KEY = "mlflow.trace.session"  # MLflow's: a trace's session, and a session-level assessment's
 
 _VOTE_FIELDS = ("is_correct", "comment", "name", "value", "rationale", "metadata", "ratings")
@@ -96,6 +97,9 @@ class FeedbackRequest(BaseModel):
     rationale: Text | None = None
     metadata: Annotated[dict[Name, Scalar], Field(max_length=MAX_ITEMS)] | None = None
     ratings: Annotated[dict[Name, StrictInt | StrictFloat], Field(min_length=1, max_length=MAX_ITEMS)] | None = None
+    signal: Name | None = Field(
+        None, description="An implicit signal the schema declares (`copied_answer`, `regenerated`, ...). Sent alone."
+    )
     retract: StrictBool | Annotated[list[Name], Field(min_length=1, max_length=MAX_ITEMS)] | None = Field(
         None,
         description="Withdraw the voter's earlier votes instead of voting: `true` for the thumbs"
@@ -144,11 +148,13 @@ class FeedbackRequest(BaseModel):
     def _complete(self) -> FeedbackRequest:
         if self.span_id is not None and self.scope == "session":
             raise ValueError("'span_id' names a step of one answer; a session-wide vote takes none")
-        if self.retract is not None:
-            given = [name for name in _VOTE_FIELDS if getattr(self, name) is not None]
-            if given:
-                raise ValueError(f"'retract' goes alone: drop {', '.join(repr(name) for name in given)}")
-            return self
+        for alone in ("retract", "signal"):
+            if getattr(self, alone) is not None:
+                others = (*_VOTE_FIELDS, "retract", "signal")
+                given = [name for name in others if name != alone and getattr(self, name) is not None]
+                if given:
+                    raise ValueError(f"'{alone}' goes alone: drop {', '.join(repr(name) for name in given)}")
+                return self
         if (self.name is None) != (self.value is None):
             raise ValueError("'name' and 'value' go together: give both or neither")
         if self.comment is not None and self.rationale is not None:
@@ -175,6 +181,13 @@ def limit_violations(request: FeedbackRequest, limits: FeedbackLimits) -> list[t
     if request.ratings is not None and len(request.ratings) > limits.max_ratings:
         out.append(("ratings", f"has {len(request.ratings)} dimensions; at most {limits.max_ratings}"))
     return out
+
+
+class SignalsNotDeclared(ValueError):
+    """A signal sent to a service whose feedback schema declares none."""
+
+    def __init__(self) -> None:
+        super().__init__("this service takes no signals: its feedback schema declares none (see Signal)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +245,8 @@ def build_assessments(request: FeedbackRequest, values: list[tuple[str, Any, dic
 def to_assessments(request: FeedbackRequest, rating_max: float) -> list[Assessment]:
     """The assessments a request asks for, without a declared schema (the guide's shapes, any name, any rating)."""
     values: list[tuple[str, Any, dict[str, str]]] = []
+    if request.signal is not None:
+        raise SignalsNotDeclared()
     if request.is_correct is not None:
         values.append((SEED_FEEDBACK_NAME, request.is_correct, {}))
     if request.name is not None:

@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .models import RATING_PREFIX, SEED_FEEDBACK_NAME, Assessment, FeedbackRequest, binary_value, build_assessments
+from .models import (
+    RATING_PREFIX,
+    SEED_FEEDBACK_NAME,
+    SIGNAL_KEY,
+    Assessment,
+    FeedbackRequest,
+    binary_value,
+    build_assessments,
+)
 
 Polarity = Literal["positive", "negative"]
 
@@ -124,8 +132,42 @@ class Text:
         return self.name, value, {}
 
 
-Field = Binary | Scale | Categorical | Text
-_KINDS: dict[str, type[Field]] = {"binary": Binary, "scale": Scale, "categorical": Categorical, "text": Text}
+@dataclass(frozen=True)
+class Signal:
+    """Something a user did rather than said (copied the answer, asked again): an implicit, opt-in signal.
+
+    Sent as ``{"signal": "<name>"}`` (the browser client sends the declared ones by itself); stored as a HUMAN
+    assessment `name` = ``true`` with its polarity in metadata, one per user and answer, and counted by reports
+    as a rate apart from the votes."""
+
+    name: str
+    polarity: Polarity | None = None
+    kind: Literal["signal"] = field(default="signal", init=False)
+
+    def normalise(self, value: Any, where: str) -> tuple[str, Any, dict[str, str]]:
+        metadata = {SIGNAL_KEY: "true"}
+        if self.polarity is not None:
+            metadata["polarity"] = self.polarity
+        return self.name, True, metadata
+
+
+# What the browser client reports when a schema declares them (`FeedbackSchema(Binary(), *IMPLICIT_SIGNALS)`).
+IMPLICIT_SIGNALS = (
+    Signal("copied_answer", "positive"),  # the user copied (part of) the answer
+    Signal("regenerated", "negative"),  # asked for another answer to the same question
+    Signal("edited_question", "negative"),  # edited the question and sent it again
+    Signal("stopped_stream", "negative"),  # stopped the answer while it streamed
+    Signal("left_without_reacting"),  # left the page without voting or doing any of the above
+)
+
+Field = Binary | Scale | Categorical | Text | Signal
+_KINDS: dict[str, type[Field]] = {
+    "binary": Binary,
+    "scale": Scale,
+    "categorical": Categorical,
+    "text": Text,
+    "signal": Signal,
+}
 
 
 class FeedbackSchema:
@@ -176,6 +218,8 @@ class FeedbackSchema:
                 }
             elif isinstance(f, Text):
                 spec["max_length"] = f.max_length
+            elif isinstance(f, Signal):
+                spec["polarity"] = f.polarity
             out.append(spec)
         return {"feedback": out}
 
@@ -190,6 +234,8 @@ class FeedbackSchema:
     def polarity(self, name: str, value: Any) -> bool | None:
         """Whether a stored assessment is positive, negative (False) or neither (None)."""
         declared = self.fields.get(name)
+        if isinstance(declared, Signal) and declared.polarity is not None:
+            return declared.polarity == "positive"
         if isinstance(declared, Binary) and isinstance(value, bool):
             return value
         if isinstance(declared, Categorical) and isinstance(value, str) and value in declared.choices:
@@ -201,6 +247,12 @@ class FeedbackSchema:
     def to_assessments(self, request: FeedbackRequest) -> list[Assessment]:
         """The assessments a request asks for, checked and normalised; SchemaError names the field."""
         wanted: list[tuple[Field, Any, str]] = []
+        if request.signal is not None:
+            declared = self.fields.get(request.signal)
+            if not isinstance(declared, Signal):
+                signals = [n for n, f in self.fields.items() if isinstance(f, Signal)]
+                raise SchemaError("signal", f"is not a signal here; signals: {', '.join(signals) or 'none'}")
+            wanted.append((declared, True, "signal"))
         if request.is_correct is not None:
             binary = self.fields.get(SEED_FEEDBACK_NAME)
             if not isinstance(binary, Binary):
@@ -208,8 +260,9 @@ class FeedbackSchema:
             wanted.append((binary, request.is_correct, "is_correct"))
         if request.name is not None:
             declared = self.fields.get(request.name)
-            if declared is None:
-                raise SchemaError("name", f"must be one of: {', '.join(self.fields)}")
+            if declared is None or isinstance(declared, Signal):
+                votes = [n for n, f in self.fields.items() if not isinstance(f, Signal)]
+                raise SchemaError("name", f"must be one of: {', '.join(votes)}")
             wanted.append((declared, request.value, "value"))
         for dimension, rating in (request.ratings or {}).items():
             scale = self.fields.get(dimension)

@@ -18,8 +18,22 @@ from mlflow_feedback_middleware.delivery import feedback_delivery as delivery_mo
 from mlflow_feedback_middleware.delivery.feedback_delivery import WAITING, FeedbackDelivery
 from mlflow_feedback_middleware.delivery.outbox import DELIVERED, FAILED, PENDING, Item, Outbox
 from mlflow_feedback_middleware.delivery.registry import RecentTraces
-from mlflow_feedback_middleware.delivery.writer import NOT_FOUND, REFUSED, REJECTED, UNAVAILABLE, TraceFacts
-from mlflow_feedback_middleware.intake.models import SESSION_KEY, Assessment, FeedbackRequest, retraction, targeted
+from mlflow_feedback_middleware.delivery.writer import (
+    NOT_FOUND,
+    REFUSED,
+    REJECTED,
+    UNAVAILABLE,
+    EarlierVote,
+    TraceFacts,
+)
+from mlflow_feedback_middleware.intake.models import (
+    SESSION_KEY,
+    SIGNAL_KEY,
+    Assessment,
+    FeedbackRequest,
+    retraction,
+    targeted,
+)
 
 TRACE = "tr-" + "a" * 32
 
@@ -110,7 +124,7 @@ def test_an_item_is_written_and_delivered(server_up: list[str | None]) -> None:
 
 
 def test_a_voters_second_vote_overrides_the_first(server_up: list[str | None]) -> None:
-    writer = FakeWriter({TRACE: TraceFacts("1", earlier_votes={("name0", "", ""): ("a-old", None)})})
+    writer = FakeWriter({TRACE: TraceFacts("1", earlier_votes={("name0", "", ""): EarlierVote("a-old", None)})})
     assert delivery(writer).attempt(item(False)) == DELIVERED
     assert writer.writes == [("override", TRACE, False)]
 
@@ -203,7 +217,7 @@ def test_an_older_vote_delivered_after_a_newer_one_does_not_win(server_up: list[
     newer = item(False)
     older = item(True)
     older.created_at = newer.created_at - 5
-    stored = TraceFacts("1", earlier_votes={("name0", "", ""): ("a-newer", int(newer.created_at * 1000))})
+    stored = TraceFacts("1", earlier_votes={("name0", "", ""): EarlierVote("a-newer", int(newer.created_at * 1000))})
     writer = FakeWriter({TRACE: stored})
     assert delivery(writer).attempt(older) == DELIVERED
     assert writer.writes == [] and older.assessment_ids == ["a-newer"]
@@ -221,7 +235,7 @@ def test_a_retraction_overrides_the_vote_and_outranks_an_older_vote_delivered_la
     withdraw = Item("test", TRACE, None, "ann", [retraction("name0")], True)
     withdraw.created_at = vote.created_at + 2
     writer = FakeWriter(
-        {TRACE: TraceFacts("1", earlier_votes={("name0", "", ""): ("a-vote", int(vote.created_at * 1000))})}
+        {TRACE: TraceFacts("1", earlier_votes={("name0", "", ""): EarlierVote("a-vote", int(vote.created_at * 1000))})}
     )
     assert delivery(writer).attempt(withdraw) == DELIVERED and writer.writes == [("override", TRACE, None)]
 
@@ -230,7 +244,9 @@ def test_a_retraction_overrides_the_vote_and_outranks_an_older_vote_delivered_la
     withdraw.created_at = vote.created_at + 2
     writer = FakeWriter({TRACE: TraceFacts("1")})
     assert delivery(writer).attempt(withdraw) == DELIVERED and writer.writes == [("log", TRACE, None)]
-    writer.facts[TRACE] = TraceFacts("1", earlier_votes={("name0", "", ""): ("a-1", int(withdraw.created_at * 1000))})
+    writer.facts[TRACE] = TraceFacts(
+        "1", earlier_votes={("name0", "", ""): EarlierVote("a-1", int(withdraw.created_at * 1000))}
+    )
     assert delivery(writer).attempt(vote) == DELIVERED
     assert writer.writes == [("log", TRACE, None)] and vote.assessment_ids == ["a-1"]
 
@@ -257,7 +273,7 @@ def test_a_vote_on_a_span_is_checked_against_the_traces_spans(server_up: list[st
 
 def test_one_vote_per_span_and_per_answer(server_up: list[str | None]) -> None:
     """A vote of the same name on the answer and on one of its spans are two votes, not one changed."""
-    on_answer = TraceFacts("1", earlier_votes={("helpful", "", ""): ("a-answer", None)})
+    on_answer = TraceFacts("1", earlier_votes={("helpful", "", ""): EarlierVote("a-answer", None)})
     writer = FakeWriter({TRACE: on_answer}, spans={TRACE: ({SPAN}, True)})
     vote = Item("test", TRACE, None, "ann", [Assessment("helpful", False, span_id=SPAN)], True)
     assert delivery(writer).attempt(vote) == DELIVERED and writer.writes == [("log", TRACE, False)]
@@ -270,7 +286,9 @@ def test_a_session_vote_goes_to_the_sessions_first_trace(server_up: list[str | N
     writer = FakeWriter(
         {
             third: TraceFacts("1", session="chat-42"),
-            first: TraceFacts("1", session="chat-42", earlier_votes={("user_feedback", "", ""): ("a-turn", None)}),
+            first: TraceFacts(
+                "1", session="chat-42", earlier_votes={("user_feedback", "", ""): EarlierVote("a-turn", None)}
+            ),
         },
         sessions={"chat-42": first},
     )
@@ -287,3 +305,16 @@ def test_a_session_vote_goes_to_the_sessions_first_trace(server_up: list[str | N
 
 def session_request() -> FeedbackRequest:
     return FeedbackRequest(trace_id=TRACE, is_correct=True, scope="session")
+
+
+def test_a_signal_given_again_writes_nothing_new_unless_it_was_withdrawn(server_up: list[str | None]) -> None:
+    copied = Assessment("copied_answer", True, None, {SIGNAL_KEY: "true"})
+    stored = TraceFacts("1", earlier_votes={("copied_answer", "", ""): EarlierVote("a-copy", None)})
+    writer = FakeWriter({TRACE: stored})
+    again = Item("test", TRACE, None, "ann", [copied], True)
+    assert delivery(writer).attempt(again) == DELIVERED and writer.writes == [] and again.assessment_ids == ["a-copy"]
+
+    withdrawn = TraceFacts("1", earlier_votes={("copied_answer", "", ""): EarlierVote("a-retraction", None, True)})
+    writer = FakeWriter({TRACE: withdrawn})
+    assert delivery(writer).attempt(Item("test", TRACE, None, "ann", [copied], True)) == DELIVERED
+    assert writer.writes == [("override", TRACE, True)]

@@ -8,6 +8,11 @@
 //
 // Feedback that cannot be sent (offline, network error) waits in localStorage and is sent when the
 // browser is back online; every vote carries an Idempotency-Key, so a retry is never counted twice.
+//
+// Implicit signals (what users do, not what they click) are sent only when the service's feedback schema
+// declares them: `copied_answer` when text of the answer element given as `answer` is copied,
+// `left_without_reacting` when the page is left with an answer nobody reacted to, and whatever the app
+// reports with `control.signal(name)` (`regenerated`, `edited_question`, `stopped_stream`). Once per answer.
 
 const TRACE_HEADER = "X-MLflow-Trace-Id";
 const REQUEST_HEADER = "X-Request-ID";
@@ -73,12 +78,13 @@ function writeQueue(items) {
   localStorage.setItem(QUEUE_KEY, JSON.stringify(items));
 }
 
-/** Send feedback now; throws TypeError on a network failure, Error(message) on a refusal. */
-export async function sendFeedback(endpoint, ids, body, key = newKey()) {
+/** Send feedback now; throws TypeError on a network failure, Error(message) on a refusal. `keepalive`: the
+ * request outlives the page (for feedback sent while it is being left). */
+export async function sendFeedback(endpoint, ids, body, key = newKey(), { keepalive = false } = {}) {
   const headers = { "Content-Type": "application/json", "Idempotency-Key": key };
   if (ids.feedbackToken) headers[TOKEN_HEADER] = ids.feedbackToken;
   const query = ids.traceId ? `trace_id=${encodeURIComponent(ids.traceId)}` : `client_request_id=${encodeURIComponent(ids.clientRequestId)}`;
-  const response = await fetch(`${endpoint}?${query}`, { method: "POST", headers, body: JSON.stringify(body) });
+  const response = await fetch(`${endpoint}?${query}`, { method: "POST", headers, body: JSON.stringify(body), keepalive });
   const answer = await response.json().catch(() => ({}));
   if (!response.ok) {
     const error = new Error(answer.message || `HTTP ${response.status}`);
@@ -109,6 +115,20 @@ export async function flushQueue() {
 }
 
 window.addEventListener("online", () => { flushQueue(); });
+
+const schemas = new Map();  // endpoint -> its schema (one fetch per page)
+
+/** The feedback schema the service at `endpoint` serves ({} when it cannot be read). */
+export function schemaOf(endpoint) {
+  if (!schemas.has(endpoint)) schemas.set(endpoint, fetch(`${endpoint}/schema`).then((r) => r.json()).catch(() => ({})));
+  return schemas.get(endpoint);
+}
+
+// Controls whose answer nobody reacted to yet: told when the page is left.
+const unreacted = new Set();
+window.addEventListener("pagehide", () => {
+  for (const control of unreacted) control.signal("left_without_reacting", { keepalive: true });
+});
 if (navigator.onLine && readQueue().length) flushQueue();  // left over from an earlier visit
 
 // Thumb icons (Feather icons, MIT), inline so they render without an emoji font and follow the text colour.
@@ -120,10 +140,16 @@ const THUMB_DOWN = ICON("M10 15v4a3 3 0 0 0 3 3l4-9V2H5.72a2 2 0 0 0-2 1.7l-1.38
 
 /** An accessible thumbs-up/down control with an optional comment, and rating controls from the schema route. */
 export class FeedbackControl {
-  constructor(container, { endpoint = DEFAULT_ENDPOINT, comment = true, ratings = true } = {}) {
+  constructor(container, { endpoint = DEFAULT_ENDPOINT, comment = true, ratings = true, answer = null } = {}) {
     this.endpoint = endpoint;
     this.ids = null;
     this.sending = false;
+    this.signalled = new Set();
+    this.signals = new Set();  // the signals the schema declares, once it is read
+    schemaOf(endpoint).then((schema) => {
+      for (const field of schema.feedback || []) if (field.type === "signal") this.signals.add(field.name);
+    });
+    if (answer) answer.addEventListener("copy", () => this.signal("copied_answer"));
     this.root = document.createElement("div");
     this.root.className = "mlflow-feedback";
     this.root.setAttribute("role", "group");
@@ -157,6 +183,16 @@ export class FeedbackControl {
     this.ids = ids;
     this.status.textContent = "";
     this.#enable(true);
+    unreacted.add(this);
+  }
+
+  /** Report an implicit signal (`regenerated`, `edited_question`, `stopped_stream`, ...) if the service's schema
+   * declares it; once per answer, never twice at once, never an error shown to the user. */
+  signal(name, { keepalive = false } = {}) {
+    if (!this.ids || this.signalled.has(name) || !this.signals.has(name)) return;
+    this.signalled.add(name);
+    unreacted.delete(this);
+    sendFeedback(this.endpoint, this.ids, { signal: name }, newKey(), { keepalive }).catch(() => {});
   }
 
   #button(label, name, value) {
@@ -180,8 +216,7 @@ export class FeedbackControl {
 
   async #loadScales() {
     try {
-      const response = await fetch(`${this.endpoint}/schema`);
-      const schema = await response.json();
+      const schema = await schemaOf(this.endpoint);
       if (!schema.declared) return;
       for (const field of schema.feedback.filter((f) => f.type === "scale")) {
         const select = document.createElement("select");
@@ -199,6 +234,7 @@ export class FeedbackControl {
   async vote(body, control) {
     if (!this.ids || this.sending) return;
     this.sending = true;
+    unreacted.delete(this);
     this.#enable(false);
     const text = this.comment && this.comment.value.trim();
     if (text && body.is_correct !== undefined) body = { ...body, comment: text };
