@@ -380,6 +380,14 @@ class Settings:
         doc="The sqlite file accepted feedback waits in until MLflow has it; share it between the workers of one"
         " service. `None` keeps it in memory (not durable).",
     )
+    review_queue: str | None = _option(
+        None,
+        group="Delivery",
+        parse=env.optional(str),
+        shown="none",
+        doc="Name of an MLflow review queue (MLflow 3.14+, the full `mlflow` package) that answers with negative or"
+        " commented feedback are added to, created with label schemas from the feedback schema; off when none.",
+    )
     _exclude: tuple[re.Pattern[str], ...] = field(init=False, repr=False)
     _identity: IdentityResolver = field(init=False, repr=False)
     _redact: frozenset[str] = field(init=False, repr=False)

@@ -36,6 +36,7 @@ from .config import UNSET, Settings, Unset
 from .delivery.feedback_delivery import FeedbackDelivery
 from .delivery.outbox import Outbox
 from .delivery.registry import RecentTraces
+from .delivery.review import ReviewRouter
 from .intake.identity import IdentityResolver
 from .intake.limits import FeedbackLimits, RateLimit
 from .intake.schema import FeedbackSchema
@@ -91,6 +92,7 @@ class MlflowFeedbackMiddleware:
         feedback_wait_seconds: float | Unset = UNSET,
         trace_wait_seconds: float | Unset = UNSET,
         outbox_path: str | os.PathLike[str] | Unset | None = UNSET,
+        review_queue: str | Unset | None = UNSET,
     ) -> None:
         # The options, their defaults and their MLFLOW_FEEDBACK_<NAME> variables are defined in config.Settings:
         # an argument left UNSET takes its variable, else its default; one given here wins.
@@ -128,6 +130,7 @@ class MlflowFeedbackMiddleware:
             unknown_wait=settings.feedback_wait_seconds,
             known_wait=settings.trace_wait_seconds,
             exit_timeout=settings.shutdown_timeout_seconds,
+            review=ReviewRouter(settings.review_queue, settings.feedback_schema) if settings.review_queue else None,
         )
         self.feedback = (
             FeedbackRoutes(settings, self.backend, self.recent, self.delivery, self.tokens)

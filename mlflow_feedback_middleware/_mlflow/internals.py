@@ -340,8 +340,9 @@ def reset_provider() -> bool:
 def flush_provider(timeout_millis: int) -> None:
     """Flush the span processors of MLflow's tracer provider (the OTLP batch processor)."""
     provider = _internal("flush_provider", _PROVIDER, "provider", "OTLP batches are flushed by OpenTelemetry at exit")
-    if provider is not None:
-        provider.get().force_flush(timeout_millis)
+    current = provider.get() if provider is not None else None
+    if current is not None:  # None before the process's first span: nothing to flush
+        current.force_flush(timeout_millis)
 
 
 # --- Experiments, in-memory traces, spans ---------------------------------------------------------------

@@ -31,6 +31,7 @@ from .._mlflow.tracing import MlflowBackend
 from ..intake.models import SCOPE_KEY, SESSION_KEY, SIGNAL_KEY, Assessment, vote_key
 from .outbox import DELIVERED, FAILED, LEASE_SECONDS, Item, Outbox
 from .registry import RecentTraces
+from .review import ReviewRouter
 from .writer import (
     AMBIGUOUS,
     CAST_AT_KEY,
@@ -83,8 +84,10 @@ class FeedbackDelivery:
         known_wait: float,
         exit_timeout: float,
         writer: FeedbackWriter | None = None,
+        review: ReviewRouter | None = None,
     ) -> None:
         self.outbox = outbox
+        self._review = review
         self._writer: FeedbackWriter = writer or MlflowFeedbackWriter()
         self.destination = destination
         self._backend = backend
@@ -254,6 +257,8 @@ class FeedbackDelivery:
         self._server.answered()
         item.state, item.last_error = DELIVERED, None
         self.delivered += 1
+        if self._review is not None and item.trace_id is not None:
+            self._review.route(item.trace_id, item.assessments, self._backend.experiment_id)
         return DELIVERED
 
     def _write(self, item: Item) -> str | None:
@@ -540,6 +545,7 @@ class FeedbackDelivery:
             "traces_issued": self._recent.issued,
             **self._backend.losses.snapshot(),
             "trace_spool": spool.stats() if (spool := current_spool()) is not None else None,
+            "review": self._review.status() if self._review is not None else None,
             "reachable": self._server.reachable,
             "last_error": self._server.last_error,
             "outbox": {

@@ -5,9 +5,9 @@ denominator of the feedback rate. Traces are read with paginated ``search_traces
 the trace infos already carry their assessments, so the report costs one call per page of traces,
 where MLflow's guide fetches every trace one by one.
 
-Only HUMAN feedback counts (LLM judges and code scorers are not end users), and only a voter's current
-vote: an assessment overridden by a newer vote is not valid any more, and a retraction (a withdrawn vote)
-is no vote; withdrawn votes are counted apart (`withdrawn_count`).
+Only HUMAN feedback counts (LLM judges and code scorers are not end users, nor are reviewers' `review.*`
+labels), and only a voter's current vote: an assessment overridden by a newer vote is not valid any more,
+and a retraction (a withdrawn vote) is no vote; withdrawn votes are counted apart (`withdrawn_count`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from mlflow.entities import Assessment, Trace
 
-from ..intake.models import RATING_PREFIX, SEED_FEEDBACK_NAME, SESSION_KEY, SIGNAL_KEY, is_retraction
+from ..intake.models import RATING_PREFIX, REVIEW_PREFIX, SEED_FEEDBACK_NAME, SESSION_KEY, SIGNAL_KEY, is_retraction
 from ..intake.schema import FeedbackSchema
 
 PAGE_SIZE = 500  # the tracking server's largest page for trace searches
@@ -93,6 +93,8 @@ def _human_votes(trace_id: str, assessments: Iterable[Assessment]) -> tuple[list
     withdrawn = 0
     for a in assessments:
         if a.feedback is None or a.valid is False or a.source is None or a.source.source_type != "HUMAN":
+            continue
+        if a.name.startswith(REVIEW_PREFIX):  # a reviewer's label from a review queue, not an end user's vote
             continue
         if is_retraction(a.metadata):
             withdrawn += 1

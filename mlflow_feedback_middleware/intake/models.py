@@ -48,6 +48,7 @@ RETRACTED_KEY = "mlflow_feedback.retracted"
 SCOPE_KEY = "mlflow_feedback.scope"  # "session": to be stored on the session's first trace
 SIGNAL_KEY = "mlflow_feedback.signal"  # an implicit signal (something the user did), not a vote
 SESSION_KEY = "mlflow.trace.session"  # MLflow's: a trace's session, and a session-level assessment's
+REVIEW_PREFIX = "review."  # reviewers' labels (review-queue label schemas): never an end user's vote
 
 _VOTE_FIELDS = ("is_correct", "comment", "name", "value", "rationale", "metadata", "ratings")
 _TRUE = {True, "1", "true", "up", "yes", "👍"}

@@ -115,3 +115,46 @@ def test_ratings_are_shown_on_the_scale_users_gave_them() -> None:
     assert stats["distribution_on_scale"] == {"4": 1, "5": 1} and stats["distribution"] == {"0.8": 1, "1": 1}
     mixed = summarize([request(vote("user_accuracy", 0.8, scale=5), vote("user_accuracy", 0.5, scale=10))])
     assert "scale_max" not in mixed["ratings"]["accuracy"]  # no one scale: shown as stored (0-1)
+
+
+def test_a_trace_is_read_as_current_votes_steps_sessions_signals_and_not_reviewers() -> None:
+    """Each kind of stored HUMAN assessment goes where the report counts it; the rest is left out."""
+    from mlflow.entities import AssessmentSource, Feedback, TraceInfo, TraceLocation, TraceState
+
+    from mlflow_feedback_middleware.insight.report import traced_request
+    from mlflow_feedback_middleware.intake.models import RETRACTED_KEY, SESSION_KEY, SIGNAL_KEY
+
+    def human(name: str, value: object, **extra: object) -> Feedback:
+        return Feedback(name, value, source=AssessmentSource(source_type="HUMAN", source_id="ann"), **extra)  # type: ignore[arg-type]
+
+    overridden = human("user_feedback", True)
+    overridden.valid = False
+    info = TraceInfo(
+        trace_id="tr-1",
+        trace_location=TraceLocation.from_experiment_id("1"),
+        request_time=0,
+        state=TraceState.OK,
+        assessments=[
+            human("user_feedback", False),
+            overridden,
+            human("user_accuracy", None, metadata={RETRACTED_KEY: "true"}),
+            human("relevant_documents", False, span_id="00f067aa0ba902b7"),
+            human("user_feedback", True, metadata={SESSION_KEY: "chat-42"}),
+            human("copied_answer", True, metadata={SIGNAL_KEY: "true"}),
+            human("review.user_feedback", True),
+            Feedback("user_feedback", True, source=AssessmentSource(source_type="LLM_JUDGE", source_id="gpt")),
+        ],
+    )
+
+    class Searched:
+        pass
+
+    trace = Searched()
+    trace.info = info  # type: ignore[attr-defined]
+    request = traced_request(trace)  # type: ignore[arg-type]
+    assert [(v.name, v.value) for v in request.votes] == [("user_feedback", False)]
+    assert request.withdrawn == 1
+    assert [v.span_id for v in request.step_votes] == ["00f067aa0ba902b7"]
+    assert [v.session for v in request.session_votes] == ["chat-42"]
+    assert [v.name for v in request.signals] == ["copied_answer"]
+    assert [(j.name, j.source_type) for j in request.judgements] == [("user_feedback", "LLM_JUDGE")]
