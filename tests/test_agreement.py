@@ -71,7 +71,8 @@ def majority(votes: list[tuple[str, bool]]) -> bool | None:
 async def test_agreement_of_users_with_an_llm_judge_and_a_code_scorer(
     experiment_name: str, mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app = build_app(experiment_name=experiment_name, rate_limit=None)
+    # The traces are exported before the votes: each vote's answer is its written outcome (200), never a 202.
+    app = build_app(experiment_name=experiment_name, rate_limit=None, feedback_sync_seconds=30.0)
     async with client_for(app) as client:
         ids = []
         for i in range(N):

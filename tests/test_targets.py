@@ -21,10 +21,13 @@ pytestmark = pytest.mark.anyio
 TRACE_HEADER = "x-mlflow-trace-id"
 TOKEN_HEADER = "x-mlflow-feedback-token"
 SECRET = "s3cret-for-tests-only-0123456789"
+# Each answer below is exported before it is voted on, so the delivery thread's verdict (written, or a refusal
+# naming the field) is what the route answers, however loaded the machine: never a 202 for lack of time.
+DECIDED = {"feedback_sync_seconds": 30.0}
 
 
 async def test_feedback_on_a_retrieval_step_is_stored_on_its_span(experiment_name: str) -> None:
-    async with client_for(build_app(experiment_name=experiment_name)) as client:
+    async with client_for(build_app(experiment_name=experiment_name, **DECIDED)) as client:
         answer = await client.post("/rag", json={"message": "pricing"})
         trace_id, span_id = answer.headers[TRACE_HEADER], answer.json()["retrieval_span_id"]
         get_trace(trace_id)
@@ -53,7 +56,7 @@ async def test_feedback_on_a_retrieval_step_is_stored_on_its_span(experiment_nam
 async def test_feedback_on_a_conversation_goes_to_its_first_trace(experiment_name: str) -> None:
     """Three turns of one session; the session vote names the last turn and lands where MLflow's multi-turn
     evaluation keeps session-level assessments: the session's first trace, with the session in its metadata."""
-    app = build_app(experiment_name=experiment_name, feedback_secret=SECRET)
+    app = build_app(experiment_name=experiment_name, feedback_secret=SECRET, **DECIDED)
     async with client_for(app) as client:
         turns = []
         for i in range(3):

@@ -13,7 +13,8 @@ document, a tool call), ``"scope": "session"`` on the whole conversation the ans
 session's first trace, where MLflow's multi-turn evaluation keeps session-level assessments).
 
 Or, alone, ``{"retract": true}`` / ``{"retract": ["user_feedback", "user_accuracy"]}``: withdraw the voter's
-votes of those stored names (``user_feedback`` when ``true``).
+votes of those stored names (``user_feedback`` when ``true``); or ``{"signal": "copied_answer"}``: an implicit
+signal the schema declares.
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ class FeedbackRequest(BaseModel):
         if self.comment is not None and self.rationale is not None:
             raise ValueError("give 'comment' or 'rationale', not both")
         if self.is_correct is None and self.value is None and self.ratings is None:
-            raise ValueError("no feedback given: send 'is_correct', 'name' with 'value', 'ratings', or 'retract'")
+            raise ValueError(
+                "no feedback given: send 'is_correct', 'name' with 'value', 'ratings', 'signal' or 'retract'"
+            )
         return self
 
 
