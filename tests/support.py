@@ -443,3 +443,36 @@ def run_script(script: str, args: list[str], env: dict[str, str], timeout: float
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def serve_demo(
+    python: str | Path,
+    tracking_uri: str,
+    experiment_name: str,
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> Any:
+    """examples/chat_app.py under uvicorn with `python`, on the test server, as `make demo` serves it; its URL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))} | {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_EXPERIMENT_NAME": experiment_name,
+        "MLFLOW_FEEDBACK_OUTBOX": str(workdir / "outbox.db"),
+        "MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS": "500",
+        **(extra_env or {}),
+    }
+    command = [str(python), "-m", "uvicorn", "chat_app:app", "--host", "127.0.0.1", "--port"]
+    process, port = launch(
+        lambda port: [*command, str(port)],
+        workdir / "demo.log",
+        lambda port: answers(f"http://127.0.0.1:{port}", "/feedback/health"),
+        timeout=timeout,
+        cwd=ROOT / "examples",
+        env=env,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

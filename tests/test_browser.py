@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -16,32 +15,14 @@ import pytest
 from mlflow_feedback_middleware.insight.report import build_report, search_requests
 from mlflow_feedback_middleware.intake.models import SIGNAL_KEY, is_retraction
 
-from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, answers, chromium_or_skip, get_trace, launch, wait_until
+from .support import CHROMIUM_FLAGS, ROOT, MlflowServer, chromium_or_skip, get_trace, serve_demo, wait_until
 
 
 @pytest.fixture
 def demo_app(mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path) -> Iterator[str]:
     """examples/chat_app.py under uvicorn, on the test server, as `make demo` serves it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))} | {
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MLFLOW_EXPERIMENT_NAME": experiment_name,
-        "MLFLOW_FEEDBACK_OUTBOX": str(tmp_path / "outbox.db"),
-        "MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS": "500",
-    }
-    command = [sys.executable, "-m", "uvicorn", "chat_app:app", "--host", "127.0.0.1", "--port"]
-    process, port = launch(
-        lambda port: [*command, str(port)],
-        tmp_path / "demo.log",
-        lambda port: answers(f"http://127.0.0.1:{port}", "/feedback/health"),
-        timeout=60,
-        cwd=ROOT / "examples",
-        env=env,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with serve_demo(sys.executable, mlflow_server.url, experiment_name, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,11 @@ from .apps import build_app
 from .support import (
     ROOT,
     MlflowServer,
-    answers,
     client_for,
     full_mlflow_python,
     get_trace,
-    launch,
     outbox_drained,
+    serve_demo,
     wait_until,
 )
 
@@ -35,27 +33,9 @@ TRACE_HEADER = "x-mlflow-trace-id"
 @pytest.fixture
 def full_mlflow_demo(mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path) -> Iterator[str]:
     """examples/chat_app.py served by the full mlflow environment, with `MLFLOW_FEEDBACK_REVIEW_QUEUE` set."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))} | {
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MLFLOW_EXPERIMENT_NAME": experiment_name,
-        "MLFLOW_FEEDBACK_OUTBOX": str(tmp_path / "outbox.db"),
-        "MLFLOW_FEEDBACK_REVIEW_QUEUE": QUEUE,
-        "MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS": "500",
-    }
-    command = [str(full_mlflow_python()), "-m", "uvicorn", "chat_app:app", "--host", "127.0.0.1", "--port"]
-    process, port = launch(
-        lambda port: [*command, str(port)],
-        tmp_path / "demo.log",
-        lambda port: answers(f"http://127.0.0.1:{port}", "/feedback/health"),
-        timeout=90,
-        cwd=ROOT / "examples",
-        env=env,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    review = {"MLFLOW_FEEDBACK_REVIEW_QUEUE": QUEUE}
+    with serve_demo(full_mlflow_python(), mlflow_server.url, experiment_name, tmp_path, review, timeout=90) as url:
+        yield url
 
 
 def test_negative_and_commented_answers_reach_the_review_queue(

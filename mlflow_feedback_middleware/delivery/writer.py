@@ -72,25 +72,10 @@ def _metadata(assessment: Assessment, feedback_id: str, index: int) -> dict[str,
     return {**(assessment.metadata or {}), FEEDBACK_ID_KEY: f"{feedback_id}/{index}"}
 
 
-def log_feedback(trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int) -> str | None:
-    """Write assessment number `index` of outbox item `feedback_id`; the ID MLflow gave it."""
-    feedback = mlflow.log_feedback(
-        trace_id=trace_id,
-        name=assessment.name,
-        value=assessment.value,
-        rationale=assessment.rationale,
-        metadata=_metadata(assessment, feedback_id, index),
-        source=AssessmentSource(source_type="HUMAN", source_id=source_id),
-        span_id=assessment.span_id,
-    )
-    return feedback.assessment_id
-
-
-def override_feedback(
-    trace_id: str, earlier_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int
+def _human_feedback(
+    trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int, overrides: str | None
 ) -> str | None:
-    """Write a voter's new vote (or retraction) as an override of their `earlier_id` vote, which MLflow keeps
-    and marks invalid (``mlflow.override_feedback`` without its extra read of the earlier assessment)."""
+    """Write assessment number `index` of outbox item `feedback_id` as `source_id`'s; the ID MLflow gave it."""
     feedback = Feedback(
         name=assessment.name,
         value=assessment.value,
@@ -98,9 +83,22 @@ def override_feedback(
         metadata=_metadata(assessment, feedback_id, index),
         source=AssessmentSource(source_type="HUMAN", source_id=source_id),
         span_id=assessment.span_id,
-        overrides=earlier_id,
+        overrides=overrides,
     )
     return mlflow.log_assessment(trace_id, feedback).assessment_id
+
+
+def log_feedback(trace_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int) -> str | None:
+    """Write assessment number `index` of outbox item `feedback_id`; the ID MLflow gave it."""
+    return _human_feedback(trace_id, assessment, source_id, feedback_id, index, None)
+
+
+def override_feedback(
+    trace_id: str, earlier_id: str, assessment: Assessment, source_id: str, feedback_id: str, index: int
+) -> str | None:
+    """Write a voter's new vote (or retraction) as an override of their `earlier_id` vote, which MLflow keeps
+    and marks invalid (``mlflow.override_feedback`` without its extra read of the earlier assessment)."""
+    return _human_feedback(trace_id, assessment, source_id, feedback_id, index, earlier_id)
 
 
 class EarlierVote(NamedTuple):
