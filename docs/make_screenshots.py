@@ -102,6 +102,8 @@ def main() -> None:
                 page.screenshot(path=str(IMAGES / "report.png"), full_page=True)
 
                 page.set_viewport_size({"width": 1400, "height": 900})
+                # MLflow 3.17+ opens its Assistant panel over the trace on a first visit; this visitor has seen it
+                page.add_init_script("localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')")
                 page.goto(trace_url)
                 page.get_by_text("POST /chat").first.wait_for(timeout=60_000)
                 time.sleep(2)  # the UI animates its panels in; a picture, not a test

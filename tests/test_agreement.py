@@ -110,6 +110,8 @@ async def test_agreement_of_users_with_an_llm_judge_and_a_code_scorer(
         timeout=600,
     )
     assert scored.returncode == 0, scored.stderr[-3000:]
+    outcome = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert outcome["rows"] == N and outcome["unscored"] == 0, outcome
 
     users_of = {i: majority(user_votes(i)) for i in range(N)}
     judges = {

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,16 @@ from mlflow.entities import TraceInfo, TraceState
 from mlflow.entities.assessment import AssessmentSource, Feedback
 from mlflow.entities.trace_location import TraceLocation
 from mlflow.protos.service_pb2 import StartTraceV3
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from mlflow_feedback_middleware._mlflow.export import flush_exports
 from mlflow_feedback_middleware._mlflow.trace_info_client import FastTraceInfoClient, _proto_body, start_trace_body
 
 from .apps import build_app
-from .support import MlflowServer, client_for, get_trace, root_span, run_script, wait_until
+from .support import MlflowServer, UvicornThread, client_for, get_trace, root_span, run_script, wait_until
 
 TRACE_HEADER = "x-mlflow-trace-id"
 
@@ -217,6 +223,58 @@ def test_the_fast_path_and_the_loss_counters_survive_mlflow_rebuilding_its_expor
     assert len({r["id"] for r in rounds}) == 3, rounds  # MLflow did build a new exporter each time
     assert all(r["fast"] and r["fast_calls"] >= 1 and r["counting"] for r in rounds), rounds
     assert out["stored"] == [True, True, True] and out["watching"] is True
+
+
+SLOW_VERSION_SCRIPT = "export_after_a_slow_version_answer"  # tests/scripts/export_after_a_slow_version_answer.py
+
+
+def slow_first_version(upstream: str, seen: list[str]) -> Starlette:
+    """A reverse proxy to the tracking server at `upstream` whose first /version answer takes 4 s: past the
+    3 s MLflow's client waits for it before it gives up (as a busy server on a loaded machine can)."""
+    client = httpx.AsyncClient(base_url=upstream, timeout=120)
+    dropped = {"host", "content-length", "content-encoding", "transfer-encoding", "connection"}
+
+    async def forward(request: Request) -> Response:
+        seen.append(request.url.path)
+        if request.url.path == "/version" and seen.count("/version") == 1:
+            await asyncio.sleep(4)
+        answer = await client.request(
+            request.method,
+            request.url.path,
+            params=request.query_params,
+            content=await request.body(),
+            headers={k: v for k, v in request.headers.items() if k not in dropped},
+        )
+        headers = {k: v for k, v in answer.headers.items() if k not in dropped}
+        return Response(answer.content, status_code=answer.status_code, headers=headers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with client:  # closed on the server's loop, before it ends
+            yield
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
+
+
+def test_a_slow_first_version_answer_does_not_send_spans_to_artifacts_for_good(
+    mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    """MLflow's client asks the server's version before its first span upload, caches a failed answer for the
+    process and then calls span logging "not supported": its exporter would upload every later trace as an
+    artifact (the costly path; seen in CI under load). The middleware asks a server that answers again."""
+    seen: list[str] = []
+    with UvicornThread(slow_first_version(mlflow_server.url, seen)) as proxy:
+        out = run_script(SLOW_VERSION_SCRIPT, [experiment_name], {"MLFLOW_TRACKING_URI": proxy.url})
+    assert out["logs_spans"] is True
+    assert seen.count("/version") >= 2, seen  # the slow answer, then the question asked again
+    for trace_id in out["trace_ids"]:
+        trace = wait_until(
+            lambda t=trace_id: (trace := get_trace(t)).info.tags.get("mlflow.trace.spansLocation") and trace,
+            60,
+            f"trace {trace_id}'s spans location tagged",
+        )
+        assert trace.info.tags["mlflow.trace.spansLocation"] == "TRACKING_STORE"
 
 
 MISSING_INTERNAL_SCRIPT = "export_without_an_internal"  # tests/scripts/export_without_an_internal.py

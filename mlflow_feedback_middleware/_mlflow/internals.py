@@ -83,6 +83,11 @@ TOUCH_POINTS: dict[str, tuple[str, str]] = {
         "switch MLflow to its batched OTLP exporter (export='otlp')",
     ),
     "flush_provider": ("mlflow.tracing.provider.provider", "flush the OTLP batch processor at shutdown"),
+    "server_version_cache": (
+        "mlflow.store.tracking.rest_store.RestStore._get_server_version (an lru_cache)",
+        "forget a failed lookup of the server's version: MLflow caches it for the process, and one /version"
+        " answer slower than its 3 s timeout would send every later trace's spans as an artifact",
+    ),
     "tracking_service_client": (
         "mlflow.tracking._tracking_service.client.TrackingServiceClient",
         "find or create the experiment with mlflow-tracing only (it has no MlflowClient)",
@@ -343,6 +348,28 @@ def flush_provider(timeout_millis: int) -> None:
     current = provider.get() if provider is not None else None
     if current is not None:  # None before the process's first span: nothing to flush
         current.force_flush(timeout_millis)
+
+
+def forget_server_version() -> bool:
+    """Clear MLflow's cached tracking-server versions, so its next span upload asks the server again; False
+    where MLflow no longer caches them this way (its own behaviour stays: spans go as an artifact)."""
+    store = _internal(
+        "server_version_cache",
+        "mlflow.store.tracking.rest_store",
+        "RestStore",
+        "a failed server-version lookup keeps spans out of the tracking store for this process",
+    )
+    clear = getattr(getattr(store, "_get_server_version", None), "cache_clear", None)
+    if store is not None and clear is None:
+        api_changed(
+            "server_version_cache",
+            "RestStore._get_server_version has no cache_clear",
+            "a failed server-version lookup keeps spans out of the tracking store for this process",
+        )
+    if clear is None:
+        return False
+    clear()
+    return True
 
 
 # --- Experiments, in-memory traces, spans ---------------------------------------------------------------

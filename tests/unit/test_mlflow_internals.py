@@ -48,6 +48,7 @@ CASES = [
     ("reset_provider", (), "mlflow.tracing.provider.reset", False),
     ("flush_provider", (1000,), "mlflow.tracing.provider.provider", None),
     ("trace_continuation", (), "mlflow.tracing.utils.generate_mlflow_trace_id_from_otel_trace_id", None),
+    ("forget_server_version", (), "mlflow.store.tracking.rest_store.RestStore", False),
 ]
 
 
@@ -83,6 +84,26 @@ def test_with_the_internals_present_each_touch_point_works(
     with internals.in_memory_trace("tr-" + "0" * 32) as trace:
         assert trace is None  # no such trace running
     assert api_changes(caplog) == []
+
+
+def test_a_failed_server_version_lookup_is_forgotten(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MLflow caches its tracking server's version per process, a failed lookup too (None: span uploads are
+    then "not supported" for good); the adapter clears that cache, and says so once where it cannot."""
+    from mlflow.store.tracking.rest_store import RestStore
+    from mlflow.utils.rest_utils import MlflowHostCreds
+
+    lookup = RestStore._get_server_version
+    assert lookup(MlflowHostCreds("http://127.0.0.1:9")) is None  # nothing listens on port 9: refused at once
+    assert lookup.cache_info().currsize >= 1
+    assert internals.forget_server_version() is True
+    assert lookup.cache_info().currsize == 0
+
+    monkeypatch.setattr(RestStore, "_get_server_version", staticmethod(lookup.__wrapped__))  # no cache
+    for _ in range(3):
+        assert internals.forget_server_version() is False
+    assert_one_warning(caplog, "_get_server_version", "cache_clear")
 
 
 def test_an_error_inside_an_internal_is_not_an_api_change(
