@@ -353,20 +353,13 @@ def flush_provider(timeout_millis: int) -> None:
 def forget_server_version() -> bool:
     """Clear MLflow's cached tracking-server versions, so its next span upload asks the server again; False
     where MLflow no longer caches them this way (its own behaviour stays: spans go as an artifact)."""
-    store = _internal(
-        "server_version_cache",
-        "mlflow.store.tracking.rest_store",
-        "RestStore",
-        "a failed server-version lookup keeps spans out of the tracking store for this process",
-    )
+    fallback = "a failed server-version lookup keeps spans out of the tracking store for this process"
+    store = _internal("server_version_cache", "mlflow.store.tracking.rest_store", "RestStore", fallback)
+    if store is None:
+        return False
     clear = getattr(getattr(store, "_get_server_version", None), "cache_clear", None)
-    if store is not None and clear is None:
-        api_changed(
-            "server_version_cache",
-            "RestStore._get_server_version has no cache_clear",
-            "a failed server-version lookup keeps spans out of the tracking store for this process",
-        )
     if clear is None:
+        api_changed("server_version_cache", "RestStore._get_server_version has no cache_clear", fallback)
         return False
     clear()
     return True

@@ -364,7 +364,7 @@ class FastTraceInfoClient:
         self._spans_ok = True
         return result
 
-    def _upload_spans(self, location: str, spans: list[Any]) -> Any:
+    def _upload_spans(self, location: str, spans: list[Any], version_asked_again: bool = False) -> Any:
         spool = current_spool()
         down = self._down_at is not None and time.monotonic() - self._down_at < _DOWN_SECONDS
         if spool is not None and down:
@@ -372,12 +372,19 @@ class FastTraceInfoClient:
             spool.add_spans(location, spans)
             raise ConnectionError("the tracking server is unreachable; the spans were spooled for replay")
         try:
-            return self._log_spans_knowing_the_version(location, spans)
+            return self._delegate.log_spans(location, spans)
         except RestException:
             raise  # the server answered: MLflow's exporter knows what that means
         except NotImplementedError:
-            # Still "not supported": an old server said so, or an unreachable one could not (an outage).
-            if spool is None or probe(self._uri, 2.0) is None:
+            # MLflow's client says "not supported" also when it could not learn the server's version (no
+            # answer within 3 s: down, or only busy), remembers that for the process, and its exporter then
+            # stops logging spans to the tracking store for good. Only a server that answered may say so: one
+            # that answers now is asked again, once; an unreachable one is an outage.
+            if probe(self._uri, 2.0) is None:
+                if version_asked_again or not internals.forget_server_version():
+                    raise
+                return self._upload_spans(location, spans, version_asked_again=True)
+            if spool is None:
                 raise
             self._down_at = time.monotonic()
             export_losses.count_failure()
@@ -388,18 +395,6 @@ class FastTraceInfoClient:
                 export_losses.count_failure()
                 spool.add_spans(location, spans)
             raise
-
-    def _log_spans_knowing_the_version(self, location: str, spans: list[Any]) -> Any:
-        """MLflow's span upload. Its client says "not supported" also when it could not learn the server's
-        version (no answer within 3 s: down, or only busy), remembers that for the process, and its exporter
-        then stops logging spans to the tracking store for good. Only a server that answered may say so: one
-        that answers now is asked again, once."""
-        try:
-            return self._delegate.log_spans(location, spans)
-        except NotImplementedError:
-            if probe(self._uri, 2.0) is not None or not internals.forget_server_version():
-                raise
-        return self._delegate.log_spans(location, spans)
 
 
 def install_fast_trace_info_client(exporter: Any) -> FastTraceInfoClient | None:
