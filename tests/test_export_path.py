@@ -228,21 +228,23 @@ def test_the_fast_path_and_the_loss_counters_survive_mlflow_rebuilding_its_expor
 SLOW_VERSION_SCRIPT = "export_after_a_slow_version_answer"  # tests/scripts/export_after_a_slow_version_answer.py
 
 
-def slow_first_version(upstream: str, seen: list[str]) -> Starlette:
-    """A reverse proxy to the tracking server at `upstream` whose first /version answer takes 4 s: past the
-    3 s MLflow's client waits for it before it gives up (as a busy server on a loaded machine can)."""
+def slow_version(upstream: str, seen: list[str], slow: int) -> Starlette:
+    """A reverse proxy to the tracking server at `upstream` whose first `slow` /version answers take 4 s: past
+    the 3 s MLflow's client waits for one before it gives up (as a busy basic-auth server on a loaded machine
+    does: it checks the password on every call)."""
     client = httpx.AsyncClient(base_url=upstream, timeout=120)
     dropped = {"host", "content-length", "content-encoding", "transfer-encoding", "connection"}
 
     async def forward(request: Request) -> Response:
         seen.append(request.url.path)
-        if request.url.path == "/version" and seen.count("/version") == 1:
+        body = await request.body()  # before a client that gave up has gone
+        if request.url.path == "/version" and seen.count("/version") <= slow:
             await asyncio.sleep(4)
         answer = await client.request(
             request.method,
             request.url.path,
             params=request.query_params,
-            content=await request.body(),
+            content=body,
             headers={k: v for k, v in request.headers.items() if k not in dropped},
         )
         headers = {k: v for k, v in answer.headers.items() if k not in dropped}
@@ -257,17 +259,26 @@ def slow_first_version(upstream: str, seen: list[str]) -> Starlette:
     return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
 
 
-def test_a_slow_first_version_answer_does_not_send_spans_to_artifacts_for_good(
-    mlflow_server: MlflowServer, experiment_name: str
+@pytest.mark.parametrize(
+    ("slow", "failed"),
+    [
+        (1, 0),  # MLflow's lookup; the middleware's own question is answered, and MLflow's client asks again
+        (3, 1),  # and MLflow's second lookup too: the batch waits in the spool, whose replay asks once more
+    ],
+)
+def test_slow_version_answers_do_not_send_spans_to_artifacts_for_good(
+    mlflow_server: MlflowServer, experiment_name: str, slow: int, failed: int
 ) -> None:
     """MLflow's client asks the server's version before its first span upload, caches a failed answer for the
     process and then calls span logging "not supported": its exporter would upload every later trace as an
-    artifact (the costly path; seen in CI under load). The middleware asks a server that answers again."""
+    artifact (the costly path), and the batch in hand would be lost (seen in CI under load, against a
+    basic-auth server). The middleware asks the server itself, and a server that stores spans gets them."""
     seen: list[str] = []
-    with UvicornThread(slow_first_version(mlflow_server.url, seen)) as proxy:
+    with UvicornThread(slow_version(mlflow_server.url, seen, slow)) as proxy:
         out = run_script(SLOW_VERSION_SCRIPT, [experiment_name], {"MLFLOW_TRACKING_URI": proxy.url})
     assert out["logs_spans"] is True
-    assert seen.count("/version") >= 2, seen  # the slow answer, then the question asked again
+    assert seen.count("/version") >= slow + 1, seen  # the slow answers, then one in time
+    assert out["failures"] == failed  # a failed batch went to the spool, which the script saw emptied
     for trace_id in out["trace_ids"]:
         trace = wait_until(
             lambda t=trace_id: (trace := get_trace(t)).info.tags.get("mlflow.trace.spansLocation") and trace,
@@ -275,6 +286,7 @@ def test_a_slow_first_version_answer_does_not_send_spans_to_artifacts_for_good(
             f"trace {trace_id}'s spans location tagged",
         )
         assert trace.info.tags["mlflow.trace.spansLocation"] == "TRACKING_STORE"
+        assert [span.name for span in trace.data.spans] == ["POST /chat", "fake_llm_async"]  # none lost
 
 
 MISSING_INTERNAL_SCRIPT = "export_without_an_internal"  # tests/scripts/export_without_an_internal.py

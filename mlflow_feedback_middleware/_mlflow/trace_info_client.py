@@ -27,6 +27,7 @@ import base64
 import http.client
 import json
 import logging
+import re
 import threading
 import time
 import urllib.request
@@ -40,7 +41,6 @@ from mlflow.exceptions import RestException
 
 from . import internals
 from .export_losses import export_losses
-from .server_watch import probe
 from .trace_spool import current_spool
 
 logger = logging.getLogger("mlflow_feedback_middleware")
@@ -51,6 +51,7 @@ _START_TRACE_PATH = "/api/3.0/mlflow/traces"
 _DOWN_SECONDS = 30.0
 _UNREACHABLE = object()  # what _post returns when no connection could be made
 _TIMEOUT_SECONDS = 30.0
+_VERSION_TIMEOUT_SECONDS = 10.0  # MLflow's client waits 3 s: too short for a busy server
 _SPANS_LOCATION_TAG = "mlflow.trace.spansLocation"  # mlflow.tracing.constant.TraceTagKey.SPANS_LOCATION
 _TRACKING_STORE = "TRACKING_STORE"
 # Span batches held for their trace's info: spans of a trace still running (a long stream) go anyway after
@@ -214,6 +215,21 @@ class FastTraceInfoClient:
             return data if response.status == 200 else None
         return None
 
+    def _server_version(self) -> Any:
+        """The server's answer to ``GET /version`` (with the credentials, waited for up to 10 s): its text,
+        None if it answered with an error, `_UNREACHABLE` if it did not answer."""
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=_VERSION_TIMEOUT_SECONDS)
+        try:
+            conn.request("GET", self._path.removesuffix(_START_TRACE_PATH) + "/version", headers=self._headers)
+            response = conn.getresponse()
+            text = response.read().decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException):
+            return _UNREACHABLE
+        finally:
+            conn.close()
+        return text if response.status == 200 else None
+
     def start_trace(self, trace_info: Any) -> Any:
         """Upsert the trace info; returns it with the tags the server added (as MLflow's client does)."""
         data = None
@@ -364,7 +380,7 @@ class FastTraceInfoClient:
         self._spans_ok = True
         return result
 
-    def _upload_spans(self, location: str, spans: list[Any], version_asked_again: bool = False) -> Any:
+    def _upload_spans(self, location: str, spans: list[Any], version_known: bool = False) -> Any:
         spool = current_spool()
         down = self._down_at is not None and time.monotonic() - self._down_at < _DOWN_SECONDS
         if spool is not None and down:
@@ -376,25 +392,40 @@ class FastTraceInfoClient:
         except RestException:
             raise  # the server answered: MLflow's exporter knows what that means
         except NotImplementedError:
-            # MLflow's client says "not supported" also when it could not learn the server's version (no
-            # answer within 3 s: down, or only busy), remembers that for the process, and its exporter then
-            # stops logging spans to the tracking store for good. Only a server that answered may say so: one
-            # that answers now is asked again, once; an unreachable one is an outage.
-            if probe(self._uri, 2.0) is None:
-                if version_asked_again or not internals.forget_server_version():
+            # MLflow's client says "not supported" also when it could not learn the server's version within 3 s
+            # (down, or only busy: a basic-auth server checks the password on every call, seconds under load),
+            # remembers that for the process, and its exporter then stops logging spans for good. The server's
+            # own answer, waited for, decides: an old server's "not supported" stands, no answer is an outage,
+            # and a server that stores spans gets the batch again (MLflow's client asking once more), else
+            # from the spool; span logging stays on.
+            if version_known:
+                internals.forget_server_version()  # the replay (or the next batch) asks again
+                export_losses.count_failure()
+                if spool is not None:
+                    spool.add_spans(location, spans)
+                raise ConnectionError("MLflow's client could not learn the server's version in time") from None
+            version = self._server_version()
+            if version is _UNREACHABLE:
+                if spool is None:
                     raise
-                return self._upload_spans(location, spans, version_asked_again=True)
-            if spool is None:
-                raise
-            self._down_at = time.monotonic()
-            export_losses.count_failure()
-            spool.add_spans(location, spans)
-            raise ConnectionError("the tracking server is unreachable; the spans were spooled for replay") from None
+                self._down_at = time.monotonic()
+                export_losses.count_failure()
+                spool.add_spans(location, spans)
+                raise ConnectionError("the tracking server is unreachable; the spans were spooled for replay") from None
+            if not _stores_spans(version) or not internals.forget_server_version():
+                raise  # an old server, one that would not say, or an MLflow that changed: MLflow's behaviour
+            return self._upload_spans(location, spans, version_known=True)
         except Exception:
             if spool is not None:
                 export_losses.count_failure()
                 spool.add_spans(location, spans)
             raise
+
+
+def _stores_spans(version: Any) -> bool:
+    """Whether a server answering `version` to ``GET /version`` takes span uploads (MLflow 3.4 and later)."""
+    found = re.match(r"(\d+)\.(\d+)", version.strip()) if isinstance(version, str) else None
+    return found is not None and (int(found[1]), int(found[2])) >= (3, 4)
 
 
 def install_fast_trace_info_client(exporter: Any) -> FastTraceInfoClient | None:

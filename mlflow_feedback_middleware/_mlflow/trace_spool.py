@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..sqlite_files import create_private, immediate
+from . import internals
 
 logger = logging.getLogger("mlflow_feedback_middleware")
 
@@ -199,6 +200,10 @@ class TraceSpool:
                     client.start_trace(TraceInfo.from_dict(payload))
             except Exception as exc:
                 logger.debug("replaying a spooled trace part failed: %s", exc)
+                if isinstance(exc, NotImplementedError):
+                    # MLflow's client keeps a failed server-version lookup (a busy server) for the process:
+                    # the next pass asks again. An old server's real "not supported" costs the part's replays.
+                    internals.forget_server_version()
                 with self._tx() as db:
                     if row["failures"] + 1 >= _MAX_FAILURES:
                         db.execute("DELETE FROM trace_spool WHERE seq=?", (row["seq"],))

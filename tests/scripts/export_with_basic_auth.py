@@ -10,6 +10,8 @@ import httpx
 from mlflow.tracing.provider import _get_trace_exporter
 
 from mlflow_feedback_middleware._mlflow.export import flush_exports
+from mlflow_feedback_middleware._mlflow.export_losses import export_losses
+from mlflow_feedback_middleware._mlflow.trace_spool import current_spool
 from tests.apps import build_app
 from tests.support import get_trace
 
@@ -22,10 +24,22 @@ async def main():
         responses = [await client.post("/chat", json={"message": f"m{i}"}) for i in range(3)]
     flush_exports(120)
     fast = _get_trace_exporter()._client
-    stored = [
-        get_trace(r.headers["x-mlflow-trace-id"], timeout=120).info.client_request_id == r.headers["x-request-id"]
-        for r in responses
-    ]
+    try:
+        stored = [
+            get_trace(r.headers["x-mlflow-trace-id"], timeout=120).info.client_request_id == r.headers["x-request-id"]
+            for r in responses
+        ]
+    except AssertionError as exc:
+        # What the export path did, so that a failure says where the spans went.
+        spool = current_spool()
+        state = {
+            "logs_spans": getattr(_get_trace_exporter(), "_store_supports_log_spans", None),
+            "fast": fast.fast_calls,
+            "delegated": fast.delegated_calls,
+            "losses": export_losses.snapshot(),
+            "spool": spool.stats() if spool is not None else None,
+        }
+        raise AssertionError(f"{exc}; export state: {json.dumps(state)}") from None
     print(
         json.dumps(
             {

@@ -64,3 +64,25 @@ def test_parts_handed_over_are_written_off_the_callers_thread() -> None:
     assert spool.flush_deferred(10.0)
     assert written == ["mlflow_feedback_spool"] and dropped == ["refused"]
     assert spool.pending() == 1
+
+
+def test_a_replay_mlflow_calls_not_supported_asks_the_servers_version_again(tmp_path: Path, monkeypatch: Any) -> None:
+    """MLflow's client keeps a failed server-version lookup for the process and then calls every span upload
+    "not supported": the replay clears that memory, so the next pass asks again; the part stays spooled."""
+    import mlflow.entities
+    import mlflow.tracing.client
+
+    from mlflow_feedback_middleware._mlflow import internals
+
+    class NotSupported:
+        def log_spans(self, location: str, spans: list[Any]) -> None:
+            raise NotImplementedError("log_spans is not supported: could not identify MLflow server version")
+
+    forgotten: list[bool] = []
+    monkeypatch.setattr(mlflow.tracing.client, "TracingClient", NotSupported)
+    monkeypatch.setattr(mlflow.entities.Span, "from_dict", staticmethod(lambda span: span))
+    monkeypatch.setattr(internals, "forget_server_version", lambda: forgotten.append(True) or True)
+    spool = TraceSpool(str(tmp_path / "spool.db"))
+    spool.add_spans("7", [FakeSpan("tr-1")])
+    assert spool.replay() == 0
+    assert forgotten == [True] and spool.pending() == 1
